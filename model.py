@@ -1,0 +1,682 @@
+"""
+The backbones, written from scratch in plain PyTorch, and the VLM that joins them.
+
+1. ViT: one vision transformer, configured by flags, that reproduces three public families
+   - CLIP ViT (Radford et al. 2021; HF transformers models/clip/modeling_clip.py): class token,
+     pre-LayerNorm on the embeddings, quick_gelu, patch conv without bias.
+   - DINOv2 (Oquab et al. 2023; HF models/dinov2/modeling_dinov2.py): class token, LayerScale,
+     exact GELU, a final LayerNorm on every token.
+   - SigLIP (Zhai et al. 2023; HF models/siglip/modeling_siglip.py): no class token, gelu_tanh,
+     a final LayerNorm on every token (the attention-pooling head is not used by VLMs; skipped).
+2. Decoder: one LLaMA-family decoder configured by flags: LLaMA-2 / Vicuna, Mistral (sliding
+   window), Qwen2 (q/k/v bias), Gemma (sqrt(d) embedding scale, RMSNorm with (1 + w), GeGLU, tied
+   head), SmolLM2 (LLaMA with tied embeddings). GQA, RoPE (rotate-half convention, as HF), a
+   preallocated KV cache and `generate()` (greedy / temperature / top-p, stop tokens, batched
+   left-padded prompts).
+3. Loading: `from_pretrained(name_or_path)` for both, from a hub repo id or a local folder, single or
+   sharded safetensors, through explicit HF-name -> our-name maps. Every key is consumed and every
+   shape checked, or one error names all missing / unexpected / mismatched keys and the files.
+
+The decoder block has empty seams (`pre`, `attn_in`, `ffn_side`) where fusion methods (fusion.py)
+plug in; empty ModuleLists add no parameters, no state-dict keys and no cost.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields, asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Configs. Plain dataclasses; `from_hf` reads a Hugging Face config.json dict.
+
+VIT_TYPES = ('clip', 'clip_vision_model', 'dinov2', 'siglip', 'siglip_vision_model')
+LM_TYPES = ('llama', 'mistral', 'qwen2', 'gemma')
+
+
+@dataclass
+class ViTConfig:
+    kind: str = 'clip'              # 'clip' | 'dinov2' | 'siglip'
+    image_size: int = 224
+    patch_size: int = 14
+    dim: int = 1024
+    n_layers: int = 24
+    n_heads: int = 16
+    mlp_dim: int = 4096
+    norm_eps: float = 1e-5
+    act: str = 'quick_gelu'         # 'quick_gelu' (CLIP) | 'gelu' (DINOv2) | 'gelu_tanh' (SigLIP)
+    cls_token: bool = True          # SigLIP has none
+    pre_norm: bool = False          # CLIP's pre_layrnorm on the embeddings
+    patch_bias: bool = False        # DINOv2 and SigLIP patch convs have a bias, CLIP's has not
+    layer_scale: bool = False       # DINOv2
+
+    @staticmethod
+    def from_hf(d):
+        """HF config.json dict -> ViTConfig. Accepts full CLIP/SigLIP configs (uses vision_config)
+        and VLM configs that nest one (llava's vision_config)."""
+        if 'vision_config' in d and d.get('model_type') not in ('clip_vision_model', 'siglip_vision_model'):
+            d = d['vision_config']
+        t = d.get('model_type')
+        if t not in VIT_TYPES:
+            raise ValueError(f"unknown vision model_type {t!r}; supported: {', '.join(VIT_TYPES)}")
+        if t.startswith('clip'):
+            act = d.get('hidden_act', 'quick_gelu')
+            return ViTConfig(kind='clip', image_size=d.get('image_size', 224), patch_size=d.get('patch_size', 32),
+                             dim=d.get('hidden_size', 768), n_layers=d.get('num_hidden_layers', 12),
+                             n_heads=d.get('num_attention_heads', 12), mlp_dim=d.get('intermediate_size', 3072),
+                             norm_eps=d.get('layer_norm_eps', 1e-5), act=_act_name(act),
+                             cls_token=True, pre_norm=True, patch_bias=False, layer_scale=False)
+        if t == 'dinov2':
+            if d.get('use_swiglu_ffn'):
+                raise ValueError("DINOv2 with use_swiglu_ffn (ViT-g) is not supported")
+            dim = d.get('hidden_size', 768)
+            return ViTConfig(kind='dinov2', image_size=d.get('image_size', 224), patch_size=d.get('patch_size', 14),
+                             dim=dim, n_layers=d.get('num_hidden_layers', 12), n_heads=d.get('num_attention_heads', 12),
+                             mlp_dim=int(dim * d.get('mlp_ratio', 4)), norm_eps=d.get('layer_norm_eps', 1e-6),
+                             act=_act_name(d.get('hidden_act', 'gelu')), cls_token=True, pre_norm=False,
+                             patch_bias=True, layer_scale=True)
+        return ViTConfig(kind='siglip', image_size=d.get('image_size', 224), patch_size=d.get('patch_size', 16),
+                         dim=d.get('hidden_size', 768), n_layers=d.get('num_hidden_layers', 12),
+                         n_heads=d.get('num_attention_heads', 12), mlp_dim=d.get('intermediate_size', 3072),
+                         norm_eps=d.get('layer_norm_eps', 1e-6), act=_act_name(d.get('hidden_act', 'gelu_pytorch_tanh')),
+                         cls_token=False, pre_norm=False, patch_bias=True, layer_scale=False)
+
+
+@dataclass
+class LMConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int = 128
+    ffn_dim: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    act: str = 'silu'               # gate activation: 'silu' (SwiGLU) | 'gelu_tanh' (Gemma's GeGLU)
+    qkv_bias: bool = False          # Qwen2; LLaMA's attention_bias puts a bias on q, k, v and o
+    o_bias: bool = False
+    tie_embeddings: bool = False    # Gemma, SmolLM2
+    embed_scale: bool = False       # Gemma multiplies the embeddings by sqrt(dim)
+    norm_plus_one: bool = False     # Gemma's RMSNorm scales by (1 + w)
+    sliding_window: int = 0         # Mistral v0.1: a key is visible iff 0 <= q - k < window; 0 = off
+    bos_id: int = 1
+    eos_id: int = 2
+
+    @staticmethod
+    def from_hf(d):
+        """HF config.json dict -> LMConfig. Accepts VLM configs that nest one (llava's text_config)."""
+        if 'text_config' in d and d.get('model_type') not in LM_TYPES:
+            d = d['text_config']
+        t = d.get('model_type')
+        if t not in LM_TYPES:
+            raise ValueError(f"unknown language model_type {t!r}; supported: {', '.join(LM_TYPES)}")
+        rope = d.get('rope_parameters') or d.get('rope_scaling') or {}  # transformers >= 5 | hub checkpoints
+        rtype = rope.get('rope_type', rope.get('type', 'default'))
+        if rtype != 'default':
+            raise ValueError(f"rope type {rtype!r} is not supported (only plain RoPE)")
+        theta = d.get('rope_theta', rope.get('rope_theta', 10000.0))
+        n_heads = d['num_attention_heads']
+        hd = d.get('head_dim') or d['hidden_size'] // n_heads
+        window = d.get('sliding_window') or 0
+        if t == 'qwen2':
+            if d.get('use_sliding_window'):
+                raise ValueError("Qwen2 with use_sliding_window=true is not supported")
+            window = 0
+        if t == 'llama':
+            window = 0
+        gemma = t == 'gemma'
+        eos = d.get('eos_token_id', 2)
+        act = (d.get('hidden_activation') or d.get('hidden_act', 'gelu_pytorch_tanh')) if gemma else d.get('hidden_act', 'silu')
+        bias = bool(d.get('attention_bias', False))
+        return LMConfig(
+            vocab_size=d['vocab_size'], dim=d['hidden_size'], n_layers=d['num_hidden_layers'], n_heads=n_heads,
+            n_kv_heads=d.get('num_key_value_heads') or n_heads, head_dim=hd, ffn_dim=d['intermediate_size'],
+            norm_eps=d.get('rms_norm_eps', 1e-6), rope_theta=float(theta),
+            max_seq_len=d.get('max_position_embeddings', 4096), act=_act_name(act),
+            qkv_bias=bias or t == 'qwen2', o_bias=bias,
+            tie_embeddings=bool(d.get('tie_word_embeddings', gemma)), embed_scale=gemma, norm_plus_one=gemma,
+            sliding_window=window, bos_id=d.get('bos_token_id', 1) or 0,
+            eos_id=eos[0] if isinstance(eos, list) else (eos if eos is not None else 2))
+
+
+def _act_name(hf_name):
+    names = {'quick_gelu': 'quick_gelu', 'gelu': 'gelu', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_new': 'gelu_tanh',
+             'gelu_fast': 'gelu_tanh', 'silu': 'silu', 'swish': 'silu'}
+    if hf_name not in names:
+        raise ValueError(f"unsupported activation {hf_name!r}; supported: {', '.join(names)}")
+    return names[hf_name]
+
+
+def act_fn(name, x):
+    if name == 'quick_gelu':
+        return x * torch.sigmoid(1.702 * x)
+    if name == 'gelu_tanh':
+        return F.gelu(x, approximate='tanh')
+    if name == 'gelu':
+        return F.gelu(x)
+    return F.silu(x)
+
+# -----------------------------------------------------------------------------
+# Vision transformer
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block; DINOv2 adds LayerScale (a learned per-channel gain) on both branches."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        d, self.cfg = cfg.dim, cfg
+        self.norm1 = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm2 = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.fc1 = nn.Linear(d, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, d)
+        self.ls1 = nn.Parameter(torch.ones(d)) if cfg.layer_scale else None
+        self.ls2 = nn.Parameter(torch.ones(d)) if cfg.layer_scale else None
+        self.adapters = nn.ModuleList()  # seam: bottleneck adapters in parallel with the MLP (ADEM-VL, LaVIN)
+
+    def attn(self, x):
+        B, T, D = x.shape
+        nh = self.cfg.n_heads
+        q, k, v = (f(x).view(B, T, nh, D // nh).transpose(1, 2) for f in (self.q, self.k, self.v))  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+
+    def forward(self, x):
+        a = self.attn(self.norm1(x))
+        x = x + (a * self.ls1 if self.ls1 is not None else a)
+        h = self.norm2(x)
+        m = self.fc2(act_fn(self.cfg.act, self.fc1(h)))
+        x = x + (m * self.ls2 if self.ls2 is not None else m)
+        for f in self.adapters:
+            x = x + f(h)
+        return x
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.grid = cfg.image_size // cfg.patch_size  # side of the stored position grid
+        n_pos = self.grid ** 2 + int(cfg.cls_token)
+        self.patch = nn.Conv2d(3, cfg.dim, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.cls_token else None
+        self.pos = nn.Parameter(torch.zeros(1, n_pos, cfg.dim))
+        self.pre_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.pre_norm else None
+        self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.n_layers))
+        # CLIP: post_layernorm (HF applies it to the pooled CLS only); DINOv2 / SigLIP: on every token
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+    def pos_embed(self, gh, gw):
+        """Position embeddings for a gh x gw patch grid; bicubic interpolation (in float32, as HF
+        DINOv2) of the stored grid when the image size differs from the pretraining size."""
+        if gh == self.grid and gw == self.grid:
+            return self.pos
+        n_cls = int(self.cfg.cls_token)
+        cls_pos, grid_pos = self.pos[:, :n_cls], self.pos[:, n_cls:]
+        D = self.cfg.dim
+        g = grid_pos.reshape(1, self.grid, self.grid, D).permute(0, 3, 1, 2)  # (1, D, grid, grid)
+        g = F.interpolate(g.float(), size=(gh, gw), mode='bicubic', align_corners=False).to(self.pos.dtype)
+        g = g.permute(0, 2, 3, 1).reshape(1, gh * gw, D)  # (1, gh*gw, D)
+        return torch.cat([cls_pos, g], dim=1)
+
+    def embed(self, pixels):
+        x = self.patch(pixels.to(self.patch.weight.dtype))  # (B, D, gh, gw)
+        B, D, gh, gw = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, D)
+        if self.cls is not None:
+            x = torch.cat([self.cls.expand(B, -1, -1), x], dim=1)  # (B, 1 + gh*gw, D)
+        x = x + self.pos_embed(gh, gw)
+        return self.pre_norm(x) if self.pre_norm is not None else x
+
+    def forward(self, pixels, layer=-1, norm=False):
+        """Hidden state `layer` in HF's hidden_states indexing (0 = embeddings, i = after block i,
+        -1 = last, -2 = penultimate as LLaVA uses); only the blocks needed are run. norm=True applies
+        the final LayerNorm (DINOv2 / SigLIP last_hidden_state; ADEM-VL's ln_post on CLIP)."""
+        n = layer % (self.cfg.n_layers + 1)
+        x = self.embed(pixels)
+        for blk in self.blocks[:n]:
+            x = blk(x)
+        return self.norm(x) if norm else x  # (B, [1 +] N, D)
+
+    def hidden_states(self, pixels):
+        """All hidden states, as HF's output_hidden_states (for tests and feature probing)."""
+        hs = [self.embed(pixels)]
+        for blk in self.blocks:
+            hs.append(blk(hs[-1]))
+        return hs
+
+    @staticmethod
+    def from_pretrained(name_or_path, dtype=torch.float32, device='cpu'):
+        folder = resolve(name_or_path)
+        cfg = ViTConfig.from_hf(read_config(folder))
+        with torch.device('meta'):
+            model = ViT(cfg)
+        load_weights(model, folder, vit_key_map(cfg), dtype=dtype, device=device,
+                     renames=('', 'vision_model.', 'vision_tower.vision_model.', 'model.vision_tower.vision_model.'),
+                     ignore=VIT_IGNORE)
+        return model.eval()
+
+
+# keys of other parts of bigger checkpoints (CLIPModel's text tower, llava-hf's LM and projector) and
+# buffers that HF saves but that carry nothing we compute with
+VIT_IGNORE = ('text_model.', 'visual_projection.', 'text_projection', 'logit_scale', 'logit_bias', 'head.',
+              'embeddings.mask_token', 'position_ids', 'language_model.', 'model.language_model.', 'lm_head.',
+              'multi_modal_projector.', 'model.multi_modal_projector.')
+
+
+def vit_key_map(cfg: ViTConfig):
+    """HF name -> our name, for the vision tower (without the 'vision_model.' prefix)."""
+    m = {}
+    if cfg.kind == 'clip':
+        m.update({'embeddings.class_embedding': 'cls', 'embeddings.patch_embedding.weight': 'patch.weight',
+                  'embeddings.position_embedding.weight': 'pos',
+                  'pre_layrnorm.weight': 'pre_norm.weight', 'pre_layrnorm.bias': 'pre_norm.bias',
+                  'post_layernorm.weight': 'norm.weight', 'post_layernorm.bias': 'norm.bias'})
+        blk = {'layer_norm1': 'norm1', 'self_attn.q_proj': 'q', 'self_attn.k_proj': 'k', 'self_attn.v_proj': 'v',
+               'self_attn.out_proj': 'o', 'layer_norm2': 'norm2', 'mlp.fc1': 'fc1', 'mlp.fc2': 'fc2'}
+        layers = 'encoder.layers'
+    elif cfg.kind == 'dinov2':
+        m.update({'embeddings.cls_token': 'cls', 'embeddings.patch_embeddings.projection.weight': 'patch.weight',
+                  'embeddings.patch_embeddings.projection.bias': 'patch.bias', 'embeddings.position_embeddings': 'pos',
+                  'layernorm.weight': 'norm.weight', 'layernorm.bias': 'norm.bias'})
+        blk = {'norm1': 'norm1', 'attention.attention.query': 'q', 'attention.attention.key': 'k',
+               'attention.attention.value': 'v', 'attention.output.dense': 'o', 'norm2': 'norm2',
+               'mlp.fc1': 'fc1', 'mlp.fc2': 'fc2'}
+        layers = 'encoder.layer'
+    else:  # siglip
+        m.update({'embeddings.patch_embedding.weight': 'patch.weight', 'embeddings.patch_embedding.bias': 'patch.bias',
+                  'embeddings.position_embedding.weight': 'pos',
+                  'post_layernorm.weight': 'norm.weight', 'post_layernorm.bias': 'norm.bias'})
+        blk = {'layer_norm1': 'norm1', 'self_attn.q_proj': 'q', 'self_attn.k_proj': 'k', 'self_attn.v_proj': 'v',
+               'self_attn.out_proj': 'o', 'layer_norm2': 'norm2', 'mlp.fc1': 'fc1', 'mlp.fc2': 'fc2'}
+        layers = 'encoder.layers'
+    for i in range(cfg.n_layers):
+        for hf, ours in blk.items():
+            for p in ('weight', 'bias'):
+                m[f'{layers}.{i}.{hf}.{p}'] = f'blocks.{i}.{ours}.{p}'
+        if cfg.layer_scale:
+            m[f'{layers}.{i}.layer_scale1.lambda1'] = f'blocks.{i}.ls1'
+            m[f'{layers}.{i}.layer_scale2.lambda1'] = f'blocks.{i}.ls2'
+    return m
+
+# -----------------------------------------------------------------------------
+# Decoder LM
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (as HF). LLaMA: w * x.to(dtype); Gemma: (x * (1 + w)).to(dtype)."""
+
+    def __init__(self, dim, eps=1e-6, plus_one=False):
+        super().__init__()
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (h * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * h.type_as(x)
+
+
+def rope_tables(pos, head_dim, theta, dtype):
+    """cos/sin tables for integer positions pos (B, T) -> (B, T, head_dim) each, computed in float32.
+    Su et al. 2021 (RoFormer); HF's rotate-half layout: frequencies repeated over both halves."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim))
+    ang = pos.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    ang = torch.cat([ang, ang], dim=-1)  # (B, T, head_dim)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, nh, T, hd); cos, sin (B, T, hd). Rotates pairs (i, i + hd/2)."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+@dataclass
+class Ctx:
+    """What every block needs besides x: rotary tables, the attention mask, the KV cache, and
+    `media`: whatever the fusion method put there for its modules (visual tokens, masks, gates)."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor = None       # (B, 1, T, S) bool, True = may attend; None = plain causal
+    cache: 'KVCache' = None
+    media: dict = field(default_factory=dict)
+
+
+class KVCache:
+    """Preallocated keys and values, one (B, n_kv, max_len, hd) pair per layer; `pos` is how many
+    positions are filled. A static buffer avoids re-allocating (and copying) every decode step."""
+
+    def __init__(self, cfg: LMConfig, batch, max_len, dtype, device):
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.pos = 0
+        self.max_len = max_len
+
+    def update(self, layer, k, v):
+        """Write k, v (B, n_kv, T, hd) at [pos, pos + T) and return the filled prefix."""
+        T = k.shape[2]
+        end = self.pos + T
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads (Ainslie et al. 2023) and RoPE.
+    Subclasses (MMCA, LLaMA-Adapter) override `attend` to change how scores become outputs."""
+
+    def __init__(self, cfg: LMConfig, layer_idx):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        hd = cfg.head_dim
+        self.q = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.k = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=cfg.o_bias)
+
+    def forward(self, x, ctx: Ctx):
+        B, T, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q(x).view(B, T, self.cfg.n_heads, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k(x).view(B, T, self.cfg.n_kv_heads, hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v(x).view(B, T, self.cfg.n_kv_heads, hd).transpose(1, 2)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v)  # (B, n_kv, S, hd), S = cached + T
+        y = self.attend(q, k, v, ctx)  # (B, nh, T, hd)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q, k, v, ctx: Ctx):
+        if ctx.mask is None:  # plain causal over T == S, or a single query that may see every key
+            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True)
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)). SwiGLU (Shazeer 2020) for LLaMA, GeGLU for Gemma."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.act = cfg.act
+        self.gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down(act_fn(self.act, self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LMConfig, layer_idx):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+        self.attn = Attention(cfg, layer_idx)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+        self.ffn = MLP(cfg)
+        # seams for fusion methods (fusion.py); empty by default
+        self.pre = nn.ModuleList()       # x <- f(x, ctx) before the layer (Flamingo gated cross-attention)
+        self.attn_in = nn.ModuleList()   # a <- f(a, ctx) on the normed attention input (LaVIN router adapters)
+        self.ffn_side = nn.ModuleList()  # x <- x + f(h, ctx), in parallel with the FFN (ADEM-VL)
+
+    def forward(self, x, ctx: Ctx):
+        for f in self.pre:
+            x = f(x, ctx)
+        a = self.attn_norm(x)
+        for f in self.attn_in:
+            a = f(a, ctx)
+        x = x + self.attn(a, ctx)
+        h = self.ffn_norm(x)
+        out = x + self.ffn(h)
+        for f in self.ffn_side:
+            out = out + f(h, ctx)
+        return out
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def embed_tokens(self, idx):
+        x = self.embed(idx)
+        if self.cfg.embed_scale:  # Gemma; the factor is rounded to the embedding dtype, as HF does
+            x = x * torch.tensor(self.cfg.dim ** 0.5, dtype=x.dtype)
+        return x
+
+    def logits(self, h):
+        return F.linear(h, self.embed.weight if self.head is None else self.head.weight)
+
+    def forward(self, idx=None, *, embeds=None, pos=None, pad_mask=None, cache=None, media=None):
+        """Final-normed hidden states (B, T, D); apply `logits()` for the vocabulary.
+        idx (B, T) token ids, or embeds (B, T, D) already embedded (the VLM splices visual tokens).
+        pos (B, T) positions (default: cache.pos + arange). pad_mask (B, S) bool over every key
+        position (cached + new; False = padding), for left-padded batches. media: fusion memory."""
+        x = self.embed_tokens(idx) if embeds is None else embeds
+        B, T, _ = x.shape
+        start = cache.pos if cache is not None else 0
+        if pos is None:
+            pos = torch.arange(start, start + T, device=x.device).expand(B, T)
+        cos, sin = rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        ctx = Ctx(cos=cos, sin=sin, mask=self.attn_mask(B, T, start, pad_mask, x.device), cache=cache,
+                  media=media if media is not None else {})
+        for blk in self.blocks:
+            x = blk(x, ctx)
+        if cache is not None:
+            cache.pos += T
+        return self.norm(x)
+
+    def attn_mask(self, B, T, start, pad_mask, device):
+        """Boolean (B, 1, T, S) mask, or None when SDPA's own causal flag is exact (no padding, no
+        window, no cached prefix with several new tokens)."""
+        W = self.cfg.sliding_window
+        S = start + T
+        if pad_mask is None and (W == 0 or S <= W) and (start == 0 or T == 1):
+            return None
+        qi = torch.arange(start, S, device=device)[:, None]  # (T, 1) absolute query positions
+        ki = torch.arange(S, device=device)[None, :]  # (1, S)
+        m = ki <= qi
+        if W:
+            m = m & (qi - ki < W)
+        m = m[None, None].expand(B, 1, T, S)
+        if pad_mask is not None:
+            m = m & pad_mask[:, None, None, :S].bool()
+            m = m | (ki == qi)  # a padding query sees itself, so its softmax row is never empty
+        return m
+
+    @staticmethod
+    def from_pretrained(name_or_path, dtype=torch.float32, device='cpu'):
+        folder = resolve(name_or_path)
+        cfg = LMConfig.from_hf(read_config(folder))
+        with torch.device('meta'):
+            model = Decoder(cfg)
+        load_weights(model, folder, lm_key_map(cfg), dtype=dtype, device=device,
+                     renames=('', ('language_model.', ''), ('model.language_model.', 'model.')),
+                     ignore=LM_IGNORE + (('lm_head.weight',) if cfg.tie_embeddings else ()))
+        return model.eval()
+
+    # --- generation -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def stream(self, idx, *, pad_mask=None, embeds=None, media=None, max_new_tokens=64, temperature=0.0,
+               top_p=1.0, stop_ids=(), generator=None):
+        """Yield the next token of every row, one (B,) tensor per step, until every row has produced
+        a stop token or max_new_tokens. idx (B, T) prompt ids, left-padded with pad_mask (B, T)
+        (False on padding). embeds (B, T, D) replaces the prompt embeddings (VLM prompts).
+        Finished rows keep yielding their stop token; callers cut at the first stop."""
+        B, T = idx.shape
+        if T + max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
+                             f"length {self.cfg.max_seq_len}")
+        device = idx.device
+        dtype = (embeds if embeds is not None else self.embed.weight).dtype
+        cache = KVCache(self.cfg, B, T + max_new_tokens, dtype, device)
+        mask = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)
+        if pad_mask is not None:
+            mask[:, :T] = pad_mask.bool()
+        # positions count real tokens only, so a left-padded row matches its unpadded self (as HF)
+        pos = (mask[:, :T].long().cumsum(-1) - 1).clamp(min=0)
+        use_mask = mask if pad_mask is not None and not bool(pad_mask.all()) else None
+        stop = torch.tensor(list(stop_ids) or [-1], device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        h = self(idx, embeds=embeds, pos=pos, pad_mask=use_mask, cache=cache, media=media)[:, -1]
+        nxt_pos = pos[:, -1:] + 1
+        for _ in range(max_new_tokens):
+            tok = sample(self.logits(h).float(), temperature, top_p, generator)
+            tok = torch.where(done, stop[0], tok)
+            yield tok
+            done = done | torch.isin(tok, stop)
+            if bool(done.all()):
+                return
+            h = self(tok[:, None], pos=nxt_pos, pad_mask=use_mask, cache=cache, media=media)[:, -1]
+            nxt_pos = nxt_pos + 1
+
+    def generate(self, idx, **kw):
+        """(B, T_new) new tokens; rows that stopped early are filled with their stop token."""
+        return torch.stack(list(self.stream(idx, **kw)), dim=1)
+
+
+def sample(logits, temperature=0.0, top_p=1.0, generator=None):
+    """Next token from (B, V) logits: greedy at temperature 0, else nucleus sampling (Holtzman et
+    al. 2020): keep the smallest set of tokens whose probability reaches top_p."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        p, order = probs.sort(dim=-1, descending=True)
+        drop = p.cumsum(-1) - p > top_p  # tokens entirely beyond the nucleus
+        p = p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+LM_IGNORE = ('rotary_emb.inv_freq', 'vision_tower.', 'model.vision_tower.', 'vision_model.',
+             'multi_modal_projector.', 'model.multi_modal_projector.')
+
+
+def lm_key_map(cfg: LMConfig):
+    """HF name -> our name for LLaMA / Mistral / Qwen2 / Gemma checkpoints."""
+    m = {'model.embed_tokens.weight': 'embed.weight', 'model.norm.weight': 'norm.weight'}
+    if not cfg.tie_embeddings:
+        m['lm_head.weight'] = 'head.weight'
+    blk = {'input_layernorm.weight': 'attn_norm.weight', 'post_attention_layernorm.weight': 'ffn_norm.weight',
+           'self_attn.q_proj.weight': 'attn.q.weight', 'self_attn.k_proj.weight': 'attn.k.weight',
+           'self_attn.v_proj.weight': 'attn.v.weight', 'self_attn.o_proj.weight': 'attn.o.weight',
+           'mlp.gate_proj.weight': 'ffn.gate.weight', 'mlp.up_proj.weight': 'ffn.up.weight',
+           'mlp.down_proj.weight': 'ffn.down.weight'}
+    if cfg.qkv_bias:
+        blk.update({f'self_attn.{p}_proj.bias': f'attn.{p}.bias' for p in 'qkv'})
+    if cfg.o_bias:
+        blk['self_attn.o_proj.bias'] = 'attn.o.bias'
+    for i in range(cfg.n_layers):
+        for hf, ours in blk.items():
+            m[f'model.layers.{i}.{hf}'] = f'blocks.{i}.{ours}'
+    return m
+
+# -----------------------------------------------------------------------------
+# Loading Hugging Face checkpoints (safetensors only; no transformers at run time)
+
+
+def resolve(name_or_path):
+    """A local folder, or a hub repo id downloaded (config, tokenizer, safetensors) into the
+    huggingface_hub cache; HF_HUB_OFFLINE=1 uses the cache only."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise ValueError(f"{p} is a file; expected a checkpoint folder (config.json + *.safetensors) or a hub repo id")
+    if str(name_or_path).startswith(('.', '/', '~')) or str(name_or_path).count('/') != 1:
+        raise FileNotFoundError(f"checkpoint folder {p} does not exist (and it is not a hub repo id 'org/name')")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=[
+            '*.json', '*.safetensors', 'tokenizer*', '*.model', '*.txt']))
+    except Exception as e:
+        raise FileNotFoundError(f"could not fetch {name_or_path!r} from the Hugging Face hub or its local cache "
+                                f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}") from e
+
+
+def read_config(folder):
+    path = Path(folder) / 'config.json'
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: a checkpoint folder needs config.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def safetensors_files(folder):
+    """The checkpoint's safetensors files: model.safetensors, or the shards an index lists."""
+    folder = Path(folder)
+    index = folder / 'model.safetensors.index.json'
+    if index.exists():
+        with open(index) as f:
+            shards = sorted(set(json.load(f)['weight_map'].values()))
+        files = [folder / s for s in shards]
+    else:
+        files = sorted(folder.glob('*.safetensors'))
+    missing = [str(f) for f in files if not f.exists()]
+    if not files or missing:
+        raise FileNotFoundError(f"no safetensors weights in {folder}" + (f" (missing shards: {missing})" if missing else ""))
+    return files
+
+
+def load_weights(model, folder, key_map, *, dtype=torch.float32, device='cpu', renames=('',), ignore=()):
+    """Copy a checkpoint into `model` (built on the meta device) through `key_map` (HF -> ours).
+    `renames`: key prefixes that wrap this tower in bigger checkpoints ('vision_model.' in a full
+    CLIPModel, 'model.language_model.' -> 'model.' in a llava-hf save, ...); the one that matches most
+    keys is stripped. Keys starting (or ending) with an `ignore` entry belong to something else (the
+    other tower, a projector, buffers) and are skipped. Every other key must map, every parameter must
+    be filled, every shape must agree: problems are collected and raised once, naming keys and files."""
+    from safetensors import safe_open
+    files = safetensors_files(folder)
+    params = dict(model.named_parameters())
+    assert set(key_map.values()) == set(params), f"key map and model disagree: {set(key_map.values()) ^ set(params)}"
+    handles = [safe_open(str(p), framework='pt', device='cpu') for p in files]
+    keys = [(h, k) for h in handles for k in h.keys()]
+    renames = [r if isinstance(r, tuple) else (r, '') for r in renames]
+
+    def rename(k, old, new):
+        return new + k[len(old):] if k.startswith(old) else k
+    old, new = max(renames, key=lambda r: sum(rename(k, *r) in key_map for _, k in keys))
+    state, unexpected, mismatched = {}, [], {}
+    for h, key in keys:
+        k = rename(key, old, new)
+        if k not in key_map:
+            if not any(x.startswith(i) or x.endswith(i) for i in ignore for x in (k, key)):
+                unexpected.append(key)
+            continue
+        ours = key_map[k]
+        t = h.get_tensor(key)
+        if ours == 'cls' and t.dim() == 1:  # CLIP stores its class embedding as (D,)
+            t = t.view(1, 1, -1)
+        if ours == 'pos' and t.dim() == 2:  # an nn.Embedding weight (N, D) -> (1, N, D)
+            t = t.unsqueeze(0)
+        if t.shape != params[ours].shape:
+            mismatched[ours] = f"{key}: checkpoint {tuple(t.shape)} vs model {tuple(params[ours].shape)}"
+            continue
+        state[ours] = t.to(device=device, dtype=dtype)
+    inverse = {ours: hf for hf, ours in key_map.items()}
+    missing = [rename(inverse[p], new, old) for p in params if p not in state and p not in mismatched]  # as named on disk
+    if missing or unexpected or mismatched:
+        msg = [f"checkpoint {folder} ({', '.join(f.name for f in files)}) does not match {type(model).__name__}:"]
+        for name, ks in (('missing', missing), ('unexpected', unexpected), ('wrong shape', list(mismatched.values()))):
+            if ks:
+                msg.append(f"  {len(ks)} {name}: " + ', '.join(ks[:8]) + (' ...' if len(ks) > 8 else ''))
+        raise ValueError('\n'.join(msg))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model

@@ -1,0 +1,221 @@
+"""Backbones vs transformers on tiny random checkpoints saved in the test (no downloads)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import randomize, rel_err
+from model import ViT, Decoder, KVCache
+
+T = pytest.importorskip('transformers')
+
+TOL = 1e-4  # relative error, float32
+
+# -----------------------------------------------------------------------------
+# vision towers
+
+
+def vit_cases():
+    small = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+    return {
+        'clip': (T.CLIPVisionModel, T.CLIPVisionConfig(intermediate_size=128, **small)),
+        'clip_full': (T.CLIPModel, T.CLIPConfig(vision_config=T.CLIPVisionConfig(intermediate_size=128, **small).to_dict(),
+                                                 text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                                  num_attention_heads=2, vocab_size=99))),
+        'dinov2': (T.Dinov2Model, T.Dinov2Config(mlp_ratio=3, **small)),
+        'siglip': (T.SiglipVisionModel, T.SiglipVisionConfig(intermediate_size=128, **small)),
+    }
+
+
+@pytest.mark.parametrize('name', ['clip', 'clip_full', 'dinov2', 'siglip'])
+@pytest.mark.parametrize('size', [32, 48])  # 48: a second image size through position interpolation
+def test_vit_parity(tmp_path, name, size):
+    cls, cfg = vit_cases()[name]
+    ref = randomize(cls(cfg)).eval()
+    ref.save_pretrained(tmp_path)
+    ours = ViT.from_pretrained(tmp_path)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        vis = ref.vision_model if name == 'clip_full' else ref
+        kw = {} if name == 'dinov2' else {'interpolate_pos_encoding': size != 32}
+        out = vis(pixel_values=x, output_hidden_states=True, **kw)
+        hs = ours.hidden_states(x)
+    assert len(hs) == len(out.hidden_states) == 4
+    for a, b in zip(hs, out.hidden_states):
+        assert rel_err(a, b) < TOL
+    with torch.no_grad():
+        if name.startswith('clip'):  # CLIP: last_hidden_state has no final norm; the pooled CLS has
+            assert rel_err(ours(x), out.last_hidden_state) < TOL
+            assert rel_err(ours(x, norm=True)[:, 0], out.pooler_output) < TOL
+        else:
+            assert rel_err(ours(x, norm=True), out.last_hidden_state) < TOL
+        assert rel_err(ours(x, layer=-2), out.hidden_states[-2]) < TOL  # LLaVA's select_layer
+
+
+# -----------------------------------------------------------------------------
+# language models
+
+def lm_cases():
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0)
+    return {
+        'llama': (T.LlamaForCausalLM, T.LlamaConfig(**base)),
+        'smollm2': (T.LlamaForCausalLM, T.LlamaConfig(**{**base, 'tie_word_embeddings': True})),
+        'mistral': (T.MistralForCausalLM, T.MistralConfig(**{**base, 'sliding_window': 5})),
+        'qwen2': (T.Qwen2ForCausalLM, T.Qwen2Config(**{**base, 'num_key_value_heads': 1})),
+        'gemma': (T.GemmaForCausalLM, T.GemmaConfig(**{**base, 'head_dim': 24, 'num_key_value_heads': 1})),
+    }
+
+
+def save_lm(tmp_path, name, **kw):
+    cls, cfg = lm_cases()[name]
+    ref = randomize(cls(cfg), std=0.1).eval()
+    ref.save_pretrained(tmp_path, **kw)
+    return ref, Decoder.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize('name', ['llama', 'smollm2', 'mistral', 'qwen2', 'gemma'])
+def test_lm_logits_parity(tmp_path, name):
+    ref, ours = save_lm(tmp_path, name)
+    assert ours.cfg.tie_embeddings == (name in ('smollm2', 'gemma'))
+    idx = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        a = ours.logits(ours(idx))
+        b = ref(idx).logits
+    assert rel_err(a, b) < TOL
+
+
+def test_sharded_checkpoint(tmp_path):
+    ref, ours = save_lm(tmp_path, 'llama', max_shard_size='30KB')
+    assert (tmp_path / 'model.safetensors.index.json').exists()
+    idx = torch.randint(0, 128, (1, 7))
+    with torch.no_grad():
+        assert rel_err(ours.logits(ours(idx)), ref(idx).logits) < TOL
+
+
+@pytest.mark.parametrize('name', ['llama', 'mistral'])
+def test_kv_cache_matches_full_forward(tmp_path, name):
+    _, ours = save_lm(tmp_path, name)
+    idx = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        full = ours.logits(ours(idx))
+        cache = KVCache(ours.cfg, 2, 11, torch.float32, 'cpu')
+        steps = [ours.logits(ours(idx[:, :4], cache=cache))]  # prefill 4, then one token at a time
+        steps += [ours.logits(ours(idx[:, t:t + 1], cache=cache)) for t in range(4, 11)]
+    assert rel_err(torch.cat(steps, 1), full) < TOL
+
+
+@pytest.mark.parametrize('name', ['llama', 'smollm2', 'qwen2', 'gemma', 'mistral'])
+def test_greedy_generate_matches_hf(tmp_path, name):
+    ref, ours = save_lm(tmp_path, name)
+    idx = torch.randint(3, 128, (1, 6))
+    want = ref.generate(idx, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[:, 6:]
+    got = ours.generate(idx, max_new_tokens=12)
+    assert got.tolist() == want.tolist()
+
+
+def test_greedy_generate_left_padded_batch(tmp_path):
+    ref, ours = save_lm(tmp_path, 'llama')
+    lens = [7, 4, 2]
+    rows = [torch.randint(3, 128, (n,)) for n in lens]
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, 7 - len(r):], mask[i, 7 - len(r):] = r, 1
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                        pad_token_id=0)[:, 7:]
+    got = ours.generate(ids, pad_mask=mask.bool(), max_new_tokens=10)
+    assert got.tolist() == want.tolist()
+    # and each padded row equals the same prompt run alone
+    for i, r in enumerate(rows):
+        assert ours.generate(r[None], max_new_tokens=10).tolist()[0] == got[i].tolist()
+
+
+def test_generate_stops_and_samples(tmp_path):
+    _, ours = save_lm(tmp_path, 'llama')
+    idx = torch.randint(3, 128, (2, 5))
+    greedy = ours.generate(idx, max_new_tokens=8)
+    stop = int(greedy[0, 2])
+    cut = ours.generate(idx, max_new_tokens=8, stop_ids=[stop])
+    assert cut[0, 2] == stop and cut.shape[1] <= 8
+    assert cut[0, :3].tolist() == greedy[0, :3].tolist()
+    g = torch.Generator().manual_seed(0)
+    s1 = ours.generate(idx, max_new_tokens=6, temperature=1.0, top_p=0.9, generator=g)
+    g = torch.Generator().manual_seed(0)
+    s2 = ours.generate(idx, max_new_tokens=6, temperature=1.0, top_p=0.9, generator=g)
+    assert s1.tolist() == s2.tolist()
+    # top_p -> 0 keeps only the most likely token: sampling equals greedy
+    assert ours.generate(idx, max_new_tokens=6, temperature=1.0, top_p=1e-6).tolist() == greedy[:, :6].tolist()
+
+
+def test_prompt_longer_than_context(tmp_path):
+    _, ours = save_lm(tmp_path, 'llama')
+    with pytest.raises(ValueError, match='context length 64'):
+        ours.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=10)
+
+
+# -----------------------------------------------------------------------------
+# loading errors
+
+def rewrite(folder, fn):
+    sd = load_file(folder / 'model.safetensors')
+    fn(sd)
+    save_file(sd, folder / 'model.safetensors', metadata={'format': 'pt'})
+
+
+def test_missing_key(tmp_path):
+    save_lm(tmp_path, 'llama')
+    rewrite(tmp_path, lambda sd: sd.pop('model.layers.1.mlp.up_proj.weight'))
+    with pytest.raises(ValueError, match=r'1 missing: model\.layers\.1\.mlp\.up_proj\.weight'):
+        Decoder.from_pretrained(tmp_path)
+
+
+def test_unexpected_key(tmp_path):
+    save_lm(tmp_path, 'llama')
+    rewrite(tmp_path, lambda sd: sd.update({'model.layers.0.self_attn.extra.weight': torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r'unexpected: model\.layers\.0\.self_attn\.extra\.weight'):
+        Decoder.from_pretrained(tmp_path)
+
+
+def test_wrong_shape(tmp_path):
+    save_lm(tmp_path, 'llama')
+    rewrite(tmp_path, lambda sd: sd.update({'model.norm.weight': torch.zeros(65)}))
+    with pytest.raises(ValueError, match=r'wrong shape: model\.norm\.weight: checkpoint \(65,\) vs model \(64,\)') as e:
+        Decoder.from_pretrained(tmp_path)
+    assert 'model.safetensors' in str(e.value)
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        Decoder.from_pretrained(tmp_path / 'nope')
+    (tmp_path / 'x').mkdir()
+    with pytest.raises(FileNotFoundError, match='config.json'):
+        Decoder.from_pretrained(tmp_path / 'x')
+    save_lm(tmp_path / 'y', 'llama')
+    (tmp_path / 'y' / 'model.safetensors').unlink()
+    with pytest.raises(FileNotFoundError, match='no safetensors weights'):
+        Decoder.from_pretrained(tmp_path / 'y')
+
+
+def test_unknown_model_type(tmp_path):
+    save_lm(tmp_path, 'llama')
+    cfg = json.loads((tmp_path / 'config.json').read_text())
+    cfg['model_type'] = 'gpt2'
+    (tmp_path / 'config.json').write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"unknown language model_type 'gpt2'; supported: llama"):
+        Decoder.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"unknown vision model_type 'gpt2'"):
+        ViT.from_pretrained(tmp_path)
+
+
+def test_wrong_tower(tmp_path):
+    """A vision checkpoint given to the decoder names the problem instead of loading garbage."""
+    cls, cfg = vit_cases()['dinov2']
+    cls(cfg).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / 'config.json').read_text())
+    cfg.update(model_type='llama', vocab_size=8, hidden_size=64, intermediate_size=8, num_hidden_layers=1,
+               num_attention_heads=4)
+    (tmp_path / 'config.json').write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match='(?s)missing: .*unexpected: embeddings'):
+        Decoder.from_pretrained(tmp_path)
