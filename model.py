@@ -611,6 +611,19 @@ def resolve(name_or_path):
                                 f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}") from e
 
 
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, then rename over `path`: a crash midway
+    leaves the previous file intact (os.replace is atomic on POSIX and Windows)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f'.tmp{os.getpid()}')
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def read_config(folder):
     path = Path(folder) / 'config.json'
     if not path.exists():
@@ -680,3 +693,76 @@ def load_weights(model, folder, key_map, *, dtype=torch.float32, device='cpu', r
         raise ValueError('\n'.join(msg))
     model.load_state_dict(state, strict=True, assign=True)
     return model
+
+# -----------------------------------------------------------------------------
+# The VLM: vision tower -> fusion -> decoder
+
+IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, padding, visual tokens)
+IMAGE_TOKEN = -200   # placeholder id in input_ids; each is replaced by one visual token (LLaVA's IMAGE_TOKEN_INDEX)
+
+
+class VLM(nn.Module):
+    """A vision tower and a decoder joined by a fusion method (fusion.py). The fusion returns
+    (tokens, media): `tokens` (B, n, d) are spliced into the token embeddings at the IMAGE_TOKEN
+    positions (input-level fusion: LLaVA, Q-Former, ADEM-VL's CLS); `media` is handed to the modules
+    the fusion placed in the decoder's seams (attention-level fusion: Flamingo, ADEM-VL, LaVIN).
+    One image per sample: pixels / feats are (B, ...) with has_image (B,) False for text-only rows."""
+
+    def __init__(self, vision: ViT, lm: Decoder, fusion: nn.Module, *, vision_layer=-1, vision_norm=False):
+        super().__init__()
+        self.vision, self.lm, self.fusion = vision, lm, fusion
+        self.vision_layer, self.vision_norm = vision_layer, vision_norm
+
+    def image_features(self, pixels):
+        """(B, 3, H, W) -> (B, N, Dv); without autograd when no tower parameter trains."""
+        train_tower = any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(train_tower and torch.is_grad_enabled()):
+            return self.vision(pixels, layer=self.vision_layer, norm=self.vision_norm)
+
+    def embed(self, ids, feats, has_image=None):
+        """Token embeddings with the visual tokens spliced in, and the fusion's media."""
+        x = self.lm.embed_tokens(ids.clamp(min=0))  # (B, T, d); placeholders embed as id 0, then overwritten
+        if feats is None:
+            return x, {}
+        if has_image is None:
+            has_image = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+        tokens, media = self.fusion(feats, has_image=has_image)
+        slots = ids == IMAGE_TOKEN  # (B, T)
+        if tokens is not None:
+            tokens = tokens[has_image]  # (n_img, n, d)
+            if tokens.numel() // tokens.shape[-1] != int(slots.sum()):
+                raise ValueError(f"the batch has {int(slots.sum())} image placeholder positions but the fusion made "
+                                 f"{tokens.shape[0]} x {tokens.shape[1]} visual tokens; the data must expand '<image>' "
+                                 f"into fusion.n_tokens placeholders per image")
+            x = x.masked_scatter(slots[..., None], tokens.to(x.dtype))
+        elif slots.any():
+            raise ValueError(f"{type(self.fusion).__name__} adds no input tokens but the batch has image placeholders")
+        return x, media
+
+    def forward(self, ids, *, pixels=None, feats=None, has_image=None, labels=None, n_norm=None):
+        """Logits (B, T, V), or with labels the summed next-token loss over labelled positions divided
+        by n_norm (default: their count), computing the vocabulary head only where a label is."""
+        if feats is None and pixels is not None:
+            feats = self.image_features(pixels)
+        x, media = self.embed(ids, feats, has_image)
+        h = self.lm(embeds=x, media=media)
+        if labels is None:
+            return self.lm.logits(h)
+        tgt = labels[:, 1:]
+        keep = tgt != IGNORE_INDEX
+        logits = self.lm.logits(h[:, :-1][keep]).float()  # (n_labelled, V)
+        n = n_norm if n_norm is not None else keep.sum().clamp(min=1)
+        return F.cross_entropy(logits, tgt[keep], reduction='sum') / n
+
+    @torch.inference_mode()
+    def generate(self, ids, *, pad_mask=None, pixels=None, feats=None, has_image=None, **kw):
+        """Greedy / sampled continuation of left-padded prompts (B, T) with their images; see Decoder.stream."""
+        return torch.stack(list(self.stream(ids, pad_mask=pad_mask, pixels=pixels, feats=feats,
+                                            has_image=has_image, **kw)), dim=1)
+
+    @torch.inference_mode()
+    def stream(self, ids, *, pad_mask=None, pixels=None, feats=None, has_image=None, **kw):
+        if feats is None and pixels is not None:
+            feats = self.image_features(pixels)
+        x, media = self.embed(ids, feats, has_image)
+        yield from self.lm.stream(ids, embeds=x, media=media, pad_mask=pad_mask, **kw)
