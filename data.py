@@ -1,0 +1,862 @@
+"""
+Everything between files on disk and the tensors the model eats, in reading order:
+
+1. Tokenizer: a thin wrapper over a `tokenizers` tokenizer.json, with the special ids read from the
+   checkpoint folder and no hidden BOS/EOS.
+2. Chat templates as plain functions (Vicuna v1, Llama-2, ChatML for SmolLM2 / Qwen2, Gemma, LLaVA's
+   `plain`), each returning (text, is_labelled) pieces so that label masking is exact.
+3. tokenize_conversation: the whole rendered text in one call, labels from character offsets, the
+   "<image>" placeholder expanded, left truncation of the prompt.
+4. Images: load_image (any mode -> RGB, clear errors) and preprocess_image per vision tower.
+5. Dataset readers: easy-VQA, ScienceQA (json and parquet layouts), VQAv2, COCO Karpathy, LLaVA JSON.
+   Each returns a list of plain dict samples:
+       {'id': str, 'image': path | bytes | None, 'messages': [('user', '<image>\\nQ'), ('assistant', 'A')],
+        'answers': [str, ...] (references for scoring), + task metadata (question, choices, ...)}
+6. ConversationDataset + collate (right padding) and left_pad (batched generation).
+
+Conventions shared with model.py / train.py / eval.py:
+- IGNORE_INDEX (-100) marks positions without a loss. `labels` are aligned with `input_ids` (HF
+  convention): labels[t] == input_ids[t] on answer tokens; the loss shifts (logits[:, :-1] vs labels[:, 1:]).
+- IMAGE_TOKEN (-200) is the only image placeholder (as LLaVA's IMAGE_TOKEN_INDEX, llava/constants.py):
+  the "<image>" string in a user turn becomes `n_image_tokens` copies of it; the model overwrites the
+  embeddings at those positions with the visual tokens. n_image_tokens=0 drops the placeholder (for
+  fusion methods that give the image to the model some other way, e.g. cross-attention).
+"""
+
+import importlib.util
+import io
+import json
+import warnings
+from collections import Counter
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN = -200
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def _load_json(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _get(entry, key, kind, where):
+    """entry[key], checked to exist and to be of type `kind`; `where` names the file and entry in errors."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected an object with field '{key}', got {type(entry).__name__}")
+    if key not in entry:
+        raise ValueError(f"{where}: missing field '{key}'")
+    value = entry[key]
+    if not isinstance(value, kind):
+        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{where}: field '{key}' should be {names}, got {type(value).__name__} {value!r:.80}")
+    return value
+
+# -----------------------------------------------------------------------------
+# 1. Tokenizer
+#
+# Loads tokenizer.json with the `tokenizers` library (the file HF's fast tokenizers use) and reads the
+# special tokens from the files next to it, in this order: tokenizer_config.json, special_tokens_map.json,
+# then the *_token_id fields of generation_config.json and config.json.
+#
+# BOS/EOS: tokenizer.json files of LLaMA-family models carry a TemplateProcessing post-processor that
+# prepends <s> to every encode() call. We never let it run (add_special_tokens=False); BOS is added
+# explicitly by `encode(text, bos=True)` / `tokenize_conversation(..., bos=...)`, and `add_bos` records
+# whether the checkpoint expects one (tokenizer_config's add_bos_token, else whether its post-processor
+# adds one). Special-token strings inside the text ("</s>", "<|im_end|>") are still matched as tokens.
+#
+# "<image>" is registered as a special added token, so it is split off before BPE and never merges with
+# its neighbours (what HF's llava processors do); tokenize_conversation maps it to IMAGE_TOKEN.
+
+TEMPLATE_END_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>")
+
+
+class Tokenizer:
+    def __init__(self, folder):
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as HFTokenizer
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: file not found (a checkpoint folder needs tokenizer.json)")
+        try:
+            self.tk = HFTokenizer.from_file(str(path))
+        except Exception as e:
+            raise ValueError(f"{path}: cannot load tokenizer ({e})") from e
+        self.folder = folder
+
+        def read(name):
+            return _load_json(folder / name) if (folder / name).is_file() else {}
+
+        cfg = {**read("special_tokens_map.json"), **read("tokenizer_config.json")}
+        gen, model_cfg = read("generation_config.json"), read("config.json")
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)  # the tokenizer's; config.json's may be padded
+
+        def special_id(name):  # "bos" -> id from the token string, else from the *_token_id fields, else None
+            token = cfg.get(f"{name}_token")
+            if isinstance(token, dict):  # serialised AddedToken
+                token = token.get("content")
+            if isinstance(token, str):
+                tid = self.tk.token_to_id(token)
+                if tid is None:
+                    raise ValueError(f"{folder}: {name}_token {token!r} is not in tokenizer.json's vocabulary")
+                return tid
+            for source in (gen, model_cfg):
+                tid = source.get(f"{name}_token_id")
+                if isinstance(tid, list):  # generation_config may list several eos ids
+                    tid = tid[0] if tid else None
+                if tid is not None:
+                    return int(tid)
+            return None
+
+        self.bos_id, self.eos_id = special_id("bos"), special_id("eos")
+        if self.eos_id is None:
+            raise ValueError(f"{folder}: no eos token (looked in tokenizer_config.json, special_tokens_map.json, "
+                             "generation_config.json, config.json)")
+        pad_id = special_id("pad")
+        self.pad_id = self.eos_id if pad_id is None else pad_id
+        if isinstance(cfg.get("add_bos_token"), bool):
+            self.add_bos = cfg["add_bos_token"] and self.bos_id is not None
+        else:  # what the post-processor would do
+            with_pp = self.tk.encode("a", add_special_tokens=True).ids
+            self.add_bos = self.bos_id is not None and len(with_pp) > 1 and with_pp[0] == self.bos_id
+        gen_eos = gen.get("eos_token_id", [])
+        ends = [self.tk.token_to_id(t) for t in TEMPLATE_END_TOKENS]
+        self.stop_ids = sorted({self.eos_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos]),
+                                *(t for t in ends if t is not None)})
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if template is None and (folder / "chat_template.jinja").is_file():  # transformers >= 4.50 saves it here
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        self.chat_template, self.model_type = template, model_cfg.get("model_type")
+        self.tk.add_special_tokens([AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False)])
+        self.image_id = self.tk.token_to_id(IMAGE_PLACEHOLDER)
+
+    def encode(self, text, bos=False):
+        """Plain text -> ids. No BOS/EOS unless bos=True (never from the post-processor). For text with
+        "<image>" use tokenize_conversation, which expands the placeholder."""
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if bos:
+            if self.bos_id is None:
+                raise ValueError(f"{self.folder}: this tokenizer has no BOS token")
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special=True):
+        """ids -> text; negative ids (IMAGE_TOKEN, IGNORE_INDEX) are dropped."""
+        ids = [int(i) for i in ids if int(i) >= 0]
+        return self.tk.decode(ids, skip_special_tokens=skip_special)
+
+# -----------------------------------------------------------------------------
+# 2. Chat templates
+#
+# One function per template: (messages, system=None, add_generation_prompt=False) -> [(text, labelled)].
+# messages: [(role, text)] with roles 'user'/'assistant' alternating, user first; a leading ('system', s)
+# message is the same as system=s. Labelled: the assistant's answer and its end-of-turn marker; where
+# the reference puts a space between the role tag and the answer ("ASSISTANT: {a}", "[/INST] {a}"), that
+# space is labelled too, because SentencePiece tokenizers merge it into the answer's first token ("▁The")
+# - the same tokens LLaVA's preprocess_v1 labels.
+#
+# BOS: the templates do not render the leading BOS; tokenize_conversation adds it when the tokenizer
+# wants one (tok.add_bos: LLaMA, Vicuna, Gemma yes; SmolLM2, Qwen2 no). So for Llama-2 and Gemma,
+# tokenizer.bos_token + render(...) equals HF's apply_chat_template string. Llama-2 renders the "<s>" of
+# later turns as text, which tokenizes to the special token.
+#
+# Sources (facts read, checked in tests/test_data.py):
+# - vicuna_v1: haotian-liu/LLaVA llava/conversation.py conv_vicuna_v1 (SeparatorStyle.TWO, sep " ",
+#   sep2 "</s>"); generation prompt ends with "ASSISTANT:".
+# - llama2: the chat_template of meta-llama/Llama-2-*-chat-hf tokenizer_config.json (content stripped,
+#   "[INST] " + q + " [/INST]", " " + a + " </s>", later turns start with "<s>"), no default system.
+# - chatml: SmolLM2-135M-Instruct's template (GGUF metadata / tokenizer_config.json; adds its default system
+#   prompt when none is given) and Qwen2-Instruct's (same layout, "You are a helpful assistant."). No stripping.
+# - gemma: google/gemma-*-it tokenizer_config.json (content trimmed, role 'model', no system role).
+# - plain: LLaVA stage-1 (conv_llava_plain, train.py preprocess_plain): user text then answer + "\n",
+#   no roles; LLaVA keeps only "<image>" of the user turn, so give readers prompt="" to match it.
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+QWEN2_SYSTEM = "You are a helpful assistant."
+
+
+def _turns(messages, system):
+    """Split off a leading system message and check the user/assistant alternation."""
+    messages = list(messages)
+    if messages and messages[0][0] == "system":
+        if system is not None:
+            raise ValueError("system prompt given twice (system=... and a leading 'system' message)")
+        system, messages = messages[0][1], messages[1:]
+    if not messages:
+        raise ValueError("empty conversation")
+    for i, (role, text) in enumerate(messages):
+        expected = ("user", "assistant")[i % 2]
+        if role != expected:
+            raise ValueError(f"message {i} has role {role!r}, expected {expected!r} "
+                             "(roles must alternate user/assistant, starting with user)")
+        if not isinstance(text, str):
+            raise ValueError(f"message {i} text should be str, got {type(text).__name__}")
+    return system, messages
+
+
+def vicuna_v1(messages, system=None, add_generation_prompt=False):
+    system, messages = _turns(messages, system)
+    pieces = [((VICUNA_SYSTEM if system is None else system) + " ", False)]
+    for role, text in messages:
+        if role == "user":
+            pieces.append((f"USER: {text} ", False))
+        else:
+            pieces += [("ASSISTANT:", False), (f" {text}</s>", True)]
+    if add_generation_prompt and messages[-1][0] == "user":
+        pieces.append(("ASSISTANT:", False))
+    return pieces
+
+
+def llama2(messages, system=None, add_generation_prompt=False):
+    system, messages = _turns(messages, system)
+    pieces = []
+    for i, (role, text) in enumerate(messages):
+        if role == "user":
+            if i == 0 and system is not None:
+                text = f"<<SYS>>\n{system}\n<</SYS>>\n\n{text}"
+            pieces.append((("" if i == 0 else "<s>") + f"[INST] {text.strip()} [/INST]", False))
+        else:
+            pieces.append((f" {text.strip()} </s>", True))
+    return pieces  # the user turn already ends with the generation prompt "[/INST]"
+
+
+def chatml(messages, system=None, add_generation_prompt=False, default_system=QWEN2_SYSTEM):
+    system, messages = _turns(messages, system)
+    system = default_system if system is None else system
+    pieces = [(f"<|im_start|>system\n{system}<|im_end|>\n", False)]
+    for role, text in messages:
+        if role == "user":
+            pieces.append((f"<|im_start|>user\n{text}<|im_end|>\n", False))
+        else:
+            pieces += [("<|im_start|>assistant\n", False), (f"{text}<|im_end|>", True), ("\n", False)]
+    if add_generation_prompt and messages[-1][0] == "user":
+        pieces.append(("<|im_start|>assistant\n", False))
+    return pieces
+
+
+def gemma(messages, system=None, add_generation_prompt=False):
+    system, messages = _turns(messages, system)
+    if system is not None:
+        raise ValueError("Gemma has no system role; put the instructions into the first user message")
+    pieces = []
+    for role, text in messages:
+        if role == "user":
+            pieces.append((f"<start_of_turn>user\n{text.strip()}<end_of_turn>\n", False))
+        else:
+            pieces += [("<start_of_turn>model\n", False), (f"{text.strip()}<end_of_turn>", True), ("\n", False)]
+    if add_generation_prompt and messages[-1][0] == "user":
+        pieces.append(("<start_of_turn>model\n", False))
+    return pieces
+
+
+def plain(messages, system=None, add_generation_prompt=False):
+    system, messages = _turns(messages, system)
+    if system is not None:
+        raise ValueError("the 'plain' template has no system prompt")
+    return [(text, False) if role == "user" else (text + "\n", True) for role, text in messages]
+
+
+TEMPLATES = {
+    "vicuna_v1": vicuna_v1,
+    "llama2": llama2,
+    "smollm2": partial(chatml, default_system=SMOLLM2_SYSTEM),
+    "qwen2": partial(chatml, default_system=QWEN2_SYSTEM),
+    "gemma": gemma,
+    "plain": plain,
+}
+
+
+def _template(name):
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown chat template {name!r}; choose from {sorted(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def template_pieces(template, messages, system=None, add_generation_prompt=False):
+    return _template(template)(messages, system=system, add_generation_prompt=add_generation_prompt)
+
+
+def render(template, messages, system=None, add_generation_prompt=False):
+    """The prompt text (without the leading BOS), e.g. for inference or to compare with HF's template."""
+    return "".join(text for text, _ in template_pieces(template, messages, system, add_generation_prompt))
+
+
+def pick_template(tok, name=None):
+    """The template name for a checkpoint: `name` if given, else from its chat_template, else model_type."""
+    if name is not None:
+        _template(name)
+        return name
+    jinja, model_type = tok.chat_template or "", tok.model_type
+    if "<|im_start|>" in jinja:
+        return "smollm2" if "SmolLM" in jinja else "qwen2"
+    if "<start_of_turn>" in jinja or (model_type or "").startswith("gemma"):
+        return "gemma"
+    if "[INST]" in jinja and "<<SYS>>" in jinja:
+        return "llama2"
+    if model_type == "qwen2":
+        return "qwen2"
+    if model_type in ("llama", "llava") and not jinja:  # Vicuna ships no chat_template; LLaVA-1.5's default
+        return "vicuna_v1"
+    raise ValueError(f"{tok.folder}: cannot tell the chat template (model_type={model_type!r}); "
+                     f"pass one of {sorted(TEMPLATES)}")
+
+# -----------------------------------------------------------------------------
+# 3. Tokenizing a conversation with exact labels
+#
+# The rendered text is tokenized in one call (BPE merges as at inference) and each token is labelled
+# from its character offsets: a token is labelled iff its characters lie inside a labelled piece. A
+# token that straddles a piece boundary (e.g. the answer starts mid-word, or a tokenizer merges the role
+# tag's "\n" into the answer) cannot be labelled exactly: the sample is skipped (SkipSample('mismatch')),
+# where LLaVA masks the whole sample when its length arithmetic disagrees.
+#
+# Too long for max_len: unlabelled text tokens are removed from the left (the system prompt, then the
+# oldest question text, ...); BOS, image placeholders and labelled (answer) tokens are never removed.
+# If that is not enough, the sample is skipped (SkipSample('too_long')).
+
+
+class SkipSample(ValueError):
+    def __init__(self, reason, detail):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def tokenize_conversation(tok, pieces, n_image_tokens=0, max_len=2048, *, bos=None):
+    """pieces [(text, labelled)] -> (input_ids, labels), two lists of ints of equal length.
+    bos=None adds BOS when the tokenizer wants one (tok.add_bos)."""
+    text, spans = "", []
+    for piece, labelled in pieces:
+        if labelled and piece:
+            spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    enc = tok.tk.encode(text, add_special_tokens=False)
+    ids = np.asarray(enc.ids, dtype=np.int64)                                 # (T,)
+    offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)         # (T, 2) characters [s, e)
+    s, e = offsets[:, :1], offsets[:, 1:]                                     # (T, 1)
+    a, b = np.asarray(spans, dtype=np.int64).reshape(-1, 2).T                 # (S,) labelled spans [a, b)
+    inside = ((a <= s) & (e <= b) & (s < b)).any(1)                           # (T,) token within a span
+    straddle = ((s < b) & (a < e)).any(1) & ~inside                           # (T,) token across a boundary
+    if straddle.any():
+        t0, t1 = offsets[np.flatnonzero(straddle)[0]]
+        raise SkipSample("mismatch", f"token {text[t0:t1]!r} at chars {t0}:{t1} straddles a labelled span "
+                                     f"boundary in {text!r:.200}")
+    image = ids == tok.image_id
+    if (image & inside).any():
+        raise ValueError("'<image>' inside an assistant answer; images belong in user turns")
+    labels = np.where(inside, ids, IGNORE_INDEX)
+    repeats = np.where(image, n_image_tokens, 1)                              # "<image>" -> n_image_tokens copies
+    ids, labels = np.repeat(np.where(image, IMAGE_TOKEN, ids), repeats), np.repeat(labels, repeats)
+    bos = tok.add_bos if bos is None else bos
+    if bos:
+        if tok.bos_id is None:
+            raise ValueError(f"{tok.folder}: bos=True but this tokenizer has no BOS token")
+        ids, labels = np.concatenate([[tok.bos_id], ids]), np.concatenate([[IGNORE_INDEX], labels])
+    if max_len is not None and len(ids) > max_len:
+        removable = (labels == IGNORE_INDEX) & (ids != IMAGE_TOKEN)
+        removable[0] &= not bos
+        drop = np.flatnonzero(removable)[:len(ids) - max_len]                 # the leftmost prompt tokens
+        if len(ids) - len(drop) > max_len:
+            raise SkipSample("too_long", f"{len(ids) - len(drop)} tokens even without the prompt text "
+                                         f"(answers + image tokens + BOS) > max_len={max_len}")
+        keep = np.ones(len(ids), dtype=bool)
+        keep[drop] = False
+        ids, labels = ids[keep], labels[keep]
+    return ids.tolist(), labels.tolist()
+
+
+def encode_prompt(tok, template, messages, n_image_tokens=0, max_len=2048, *, system=None):
+    """Inference: the prompt ids for `messages` (ending with a user turn) plus the generation prompt."""
+    pieces = template_pieces(template, messages, system, add_generation_prompt=True)
+    return tokenize_conversation(tok, pieces, n_image_tokens, max_len)[0]
+
+# -----------------------------------------------------------------------------
+# 4. Images
+#
+# load_image: RGB PIL image from a path or from encoded bytes (parquet datasets). Transparency (RGBA, LA,
+# palette with a transparent index) is composited on white, as HF's image processors do
+# (transformers image_transforms.convert_to_rgb); 16-bit grayscale is scaled to 8 bits (PIL's own
+# convert would clip it to white); grayscale, palette, CMYK, YCbCr go through PIL's convert. EXIF
+# orientation is not applied (neither HF nor LLaVA do).
+#
+# preprocess_image -> float32 [3, H, W], three resize modes:
+# - 'crop': resize the shortest side to `size` (bicubic), centre crop `crop_size` (CLIP, DINOv2;
+#   HF CLIPImageProcessor / BitImageProcessor: new_long = int(size * long / short), crop offset (d // 2)).
+# - 'squash': resize to size x size ignoring the aspect ratio (SigLIP; ADEM-VL/LaVIN ScienceQA's
+#   Resize((224, 224), bicubic) with ImageNet mean/std, ADEM-VL util/datasets.py).
+# - 'pad': LLaVA-1.5's expand2square (llava/mm_utils.py): pad to a square filled with the mean colour
+#   (int(255 * mean)), then 'crop' (a no-op crop on the square).
+# Then x / 255, (x - mean) / std. image_config() reads preprocessor_config.json (image_mean, image_std,
+# size, crop_size, do_center_crop, resample) over these per-tower defaults (HF's defaults):
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TOWER_DEFAULTS = {
+    "clip": dict(resize="crop", size=224, crop_size=224, mean=CLIP_MEAN, std=CLIP_STD, resample=3),
+    "dinov2": dict(resize="crop", size=256, crop_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=3),
+    "siglip": dict(resize="squash", size=224, crop_size=224, mean=(0.5,) * 3, std=(0.5,) * 3, resample=3),
+}  # resample: PIL code, 3 = BICUBIC
+
+
+def load_image(src):
+    name = str(src) if isinstance(src, (str, Path)) else f"<{len(src)} bytes of image data>"
+    try:
+        img = Image.open(src if isinstance(src, (str, Path)) else io.BytesIO(src))
+        img.load()  # decode now: a truncated or corrupt file fails here, not later in a worker
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {name}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {name}: {e}") from None
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit (or int32) grayscale -> 8 bits
+        a = np.asarray(img, dtype=np.float64) / 257.0
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
+    if "A" in img.getbands() or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def image_config(folder=None, *, tower=None, **overrides):
+    """Preprocessing constants: TOWER_DEFAULTS[tower], then the folder's preprocessor_config.json, then
+    overrides (e.g. resize='pad' for LLaVA-1.5, or mean/std=IMAGENET_* for ADEM-VL's ScienceQA)."""
+    pp, where = {}, None
+    if folder is not None:
+        where = Path(folder) / "preprocessor_config.json"
+        pp = _load_json(where) if where.is_file() else {}
+        if tower is None:  # from the processor class or the model type: SiglipImageProcessor, "dinov2", ...
+            config = _load_json(Path(folder) / "config.json") if (Path(folder) / "config.json").is_file() else {}
+            kind = f"{pp.get('image_processor_type', '')} {config.get('model_type', '')}".lower()
+            tower = ("siglip" if "siglip" in kind else "dinov2" if "dinov2" in kind or "bitimage" in kind
+                     else "clip" if "clip" in kind else None)
+    if tower not in TOWER_DEFAULTS:
+        raise ValueError(f"unknown vision tower {tower!r} (folder {folder}); "
+                         f"pass tower= one of {sorted(TOWER_DEFAULTS)}")
+    cfg = dict(TOWER_DEFAULTS[tower])
+
+    def side(value, key):  # 224 | {"shortest_edge": 224} | {"height": 224, "width": 224}
+        if isinstance(value, int):
+            return value
+        if isinstance(value, dict) and "shortest_edge" in value:
+            return value["shortest_edge"]
+        if isinstance(value, dict) and value.get("height") is not None and value.get("height") == value.get("width"):
+            return value["height"]
+        raise ValueError(f"{where}: unsupported {key} {value!r} (need a square size or a shortest_edge)")
+
+    for key in ("image_mean", "image_std"):
+        if key in pp:
+            cfg[key[6:]] = tuple(pp[key])
+    if "resample" in pp:
+        cfg["resample"] = int(pp["resample"])
+    if "size" in pp:
+        cfg["size"] = side(pp["size"], "size")
+    if "crop_size" in pp:
+        cfg["crop_size"] = side(pp["crop_size"], "crop_size")
+    if pp.get("do_center_crop") is False:
+        if isinstance(pp.get("size"), dict) and "shortest_edge" in pp["size"]:
+            raise ValueError(f"{where}: do_center_crop=false with a shortest_edge size gives non-square images")
+        cfg["resize"] = "squash"
+    cfg.update(overrides)
+    if cfg["resize"] not in ("crop", "squash", "pad"):
+        raise ValueError(f"resize must be 'crop', 'squash' or 'pad', got {cfg['resize']!r}")
+    return cfg
+
+
+def expand2square(img, fill):
+    w, h = img.size
+    if w == h:
+        return img
+    out = Image.new(img.mode, (max(w, h),) * 2, fill)
+    out.paste(img, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return out
+
+
+def preprocess_image(img, cfg):
+    """RGB PIL image -> float32 tensor [3, H, W] (H = W = crop_size, or size for 'squash')."""
+    if cfg["resize"] == "pad":
+        img = expand2square(img, tuple(int(255 * m) for m in cfg["mean"]))
+    if cfg["resize"] == "squash":
+        img = img.resize((cfg["size"], cfg["size"]), resample=cfg["resample"])
+    else:
+        w, h, s, c = *img.size, cfg["size"], cfg["crop_size"]
+        w, h = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+        img = img.resize((w, h), resample=cfg["resample"])
+        left, top = (w - c) // 2, (h - c) // 2
+        img = img.crop((left, top, left + c, top + c))
+    x = np.asarray(img, dtype=np.float32) / np.float32(255.0)  # (H, W, 3) in [0, 1]
+    x = (x - np.asarray(cfg["mean"], dtype=np.float32)) / np.asarray(cfg["std"], dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, H, W)
+
+# -----------------------------------------------------------------------------
+# 5. Dataset readers -> lists of sample dicts (see the top of the file). Readers never open images (a
+# missing image is reported by load_image, naming the file, when it is used).
+
+VQA_PROMPT_LLAVA = "{q}\nAnswer the question using a single word or phrase."  # LLaVA-1.5's short-answer suffix
+VQA_PROMPT_SHORT = "Question: {q} Short answer:"  # BLIP-2 / LAVIS style
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
+
+
+def _user(text, image):
+    return f"{IMAGE_PLACEHOLDER}\n{text}" if image is not None else text
+
+
+def easy_vqa_root():
+    spec = importlib.util.find_spec("easy_vqa")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("easy-VQA is not installed: pip install --no-deps easy-vqa")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def read_easy_vqa(split="train", *, prompt=VQA_PROMPT_LLAVA, root=None):
+    """easy-VQA (PyPI easy-vqa): {split}/questions.json holds [question, answer, image_id] triples, images
+    are {split}/images/{image_id}.png (64x64), answers.txt the 13 answers."""
+    root = Path(root) if root is not None else easy_vqa_root()
+    path = root / split / "questions.json"
+    entries = _load_json(path)
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a list of [question, answer, image_id]")
+    samples = []
+    for i, entry in enumerate(entries):
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                and isinstance(entry[1], str) and isinstance(entry[2], int)):
+            raise ValueError(f"{path}: entry {i} should be [question: str, answer: str, image_id: int], "
+                             f"got {entry!r:.100}")
+        q, a, image_id = entry
+        image = str(root / split / "images" / f"{image_id}.png")
+        samples.append({"id": f"easyvqa-{split}-{i}", "image": image,
+                        "messages": [("user", _user(prompt.format(q=q), image)), ("assistant", a)],
+                        "answers": [a], "question": q, "image_id": image_id})
+    return samples
+
+
+def scienceqa_prompt(problem, prompt_format="CQM-A", caption="", options="ABCDE"):
+    """(question text, answer text) as ADEM-VL / LaVIN util/base_prompt.py create_training_example:
+    context = hint (+ caption) or "N/A"; options "(A) c1 (B) c2"; newlines in lecture / solution become a
+    literal backslash-n; input ends with "Response:". Output formats: 'A' "The answer is X."; as in that
+    code, 'AL' appends the *solution*, 'AE' the *lecture*, 'ALE' "lecture solution" after " BECAUSE: " (an
+    empty explanation leaves a dangling "BECAUSE:", as the reference's clean-up never takes effect)."""
+    in_fmt, _, out_fmt = prompt_format.partition("-")
+    context = " ".join([problem["hint"], caption]).strip() or "N/A"
+    choices = " ".join(f"({options[i]}) {c}" for i, c in enumerate(problem["choices"]))
+    question = problem["question"]
+    if in_fmt == "CQM":
+        text = f"Context: {context}\nQuestion: {question}\nOptions: {choices}\n"
+    elif in_fmt == "QCM":
+        text = f"Question: {question}\nContext: {context}\nOptions: {choices}\n"
+    else:
+        raise ValueError(f"unsupported ScienceQA input format {in_fmt!r} (CQM or QCM)")
+    lecture, solution = problem["lecture"].replace("\n", "\\n"), problem["solution"].replace("\n", "\\n")
+    answer = f"The answer is {options[problem['answer']]}."
+    explanation = {"A": None, "AL": solution, "AE": lecture, "ALE": f"{lecture} {solution}"}
+    if out_fmt not in explanation:
+        raise ValueError(f"unsupported ScienceQA output format {out_fmt!r} (A, AL, AE or ALE)")
+    if explanation[out_fmt] is not None:
+        answer += f" BECAUSE: {explanation[out_fmt]}"
+    return (text + "Response:").replace("  ", " ").strip(), answer.replace("  ", " ").strip()
+
+
+SQA_FIELDS = ("question", "choices", "answer", "hint", "lecture", "solution")
+
+
+def _scienceqa_sample(pid, problem, image, where, prompt_format, caption, options):
+    for key, kind in zip(SQA_FIELDS, (str, list, int, str, str, str)):
+        _get(problem, key, kind, where)
+    if not 0 <= problem["answer"] < len(problem["choices"]) <= len(options):
+        raise ValueError(f"{where}: answer index {problem['answer']} / {len(problem['choices'])} choices is invalid "
+                         f"(at most {len(options)} choices)")
+    question, answer = scienceqa_prompt(problem, prompt_format, caption, options)
+    meta = {k: problem.get(k) for k in ("subject", "grade", "topic", "category", "skill", "task")}
+    return {"id": str(pid), "image": image, "messages": [("user", _user(question, image)), ("assistant", answer)],
+            "answers": [options[problem["answer"]]], "answer_index": problem["answer"],
+            "choices": problem["choices"], "hint": problem["hint"], "has_image": image is not None, **meta}
+
+
+def read_scienceqa(root, split="train", *, prompt_format="CQM-A", captions_file=None, options="ABCDE"):
+    """ScienceQA in either public layout under `root`:
+    - the release (lupantech/ScienceQA): problems.json + pid_splits.json + images/{split}/{pid}/image.png;
+      splits train / val / test / minival / minitest; ids are the pids.
+    - Hugging Face parquet (derek-thomas/ScienceQA): {split}-*.parquet (anywhere under root) with columns
+      image ({'bytes', 'path'} or null), question, choices, answer, hint, task, grade, subject, topic,
+      category, skill, lecture, solution; split 'val' reads 'validation'; ids are "{split}-{row}".
+    Training default CQM-A without captions (ADEM-VL train.py); captions_file ({"captions": {pid: text}},
+    json layout only) turns on use_caption. 'answers' holds the letter."""
+    root = Path(root)
+    captions = _get(_load_json(captions_file), "captions", dict, captions_file) if captions_file else {}
+    if (root / "problems.json").is_file():
+        problems = _load_json(root / "problems.json")
+        splits_path = root / "pid_splits.json"
+        split_key = {"validation": "val"}.get(split, split)
+        pids = _get(_load_json(splits_path), split_key, list, splits_path)
+        samples = []
+        for pid in pids:
+            where = f"{root / 'problems.json'}: problem {pid}"
+            if pid not in problems:
+                raise ValueError(f"{splits_path}: pid {pid} of split {split_key!r} is not in problems.json")
+            problem = problems[pid]
+            image = None
+            if _get(problem, "image", (str, type(None)), where):
+                image = str(root / "images" / _get(problem, "split", str, where) / pid / problem["image"])
+            samples.append(_scienceqa_sample(pid, problem, image, where, prompt_format,
+                                             captions.get(pid, ""), options))
+        return samples
+    name = {"val": "validation"}.get(split, split)
+    files = sorted({*root.rglob(f"{name}-*.parquet"), *root.rglob(f"{name}.parquet")})
+    if not files:
+        raise FileNotFoundError(f"{root}: neither problems.json (ScienceQA release) nor {name}-*.parquet "
+                                "(Hugging Face layout) found")
+    if captions_file:
+        raise ValueError("captions_file needs the json layout (the parquet layout has no pids)")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading ScienceQA parquet files needs pyarrow: pip install pyarrow") from None
+    samples = []
+    for path in files:
+        table = pq.read_table(path)
+        missing = [c for c in ("image", *SQA_FIELDS) if c not in table.column_names]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing} (have {table.column_names})")
+        for row, problem in enumerate(table.to_pylist()):
+            where = f"{path}: row {row}"
+            image = problem["image"]
+            if isinstance(image, dict):  # HF datasets Image feature: {'bytes': ..., 'path': ...}
+                image = image.get("bytes") or image.get("path")
+            if image is not None and not isinstance(image, (bytes, str)):
+                raise ValueError(f"{where}: column 'image' should hold bytes, got {type(image).__name__}")
+            samples.append(_scienceqa_sample(f"{name}-{len(samples)}", problem, image, where,
+                                             prompt_format, "", options))
+    return samples
+
+
+def vqav2_files(root, split):
+    """(questions file, annotations file or None) under the official names: split 'train' / 'val' (2014, with
+    annotations), 'test' / 'test-dev' (2015, none)."""
+    root, year = Path(root), "2015" if split.startswith("test") else "2014"
+    questions = root / f"v2_OpenEnded_mscoco_{split}{year}_questions.json"
+    return questions, None if split.startswith("test") else root / f"v2_mscoco_{split}{year}_annotations.json"
+
+
+def read_vqav2(questions_file, annotations_file=None, *, image_root, prompt=VQA_PROMPT_LLAVA, subtype=None):
+    """VQAv2 (visualqa.org): the questions JSON ({'questions': [{question_id, image_id, question}],
+    'data_subtype': 'val2014'}), the optional annotations JSON ({'annotations': [{question_id, answers: [10 x
+    {answer}], multiple_choice_answer, answer_type, question_type}]}) and COCO images
+    {image_root}/COCO_{subtype}_{image_id:012d}.jpg, or {image_root}/{subtype}/... when that folder exists
+    (COCO's own layout). The training target is multiple_choice_answer; 'answers' keeps the 10 human answers
+    for the VQA accuracy. Without annotations (test-dev) samples end with the user turn, 'answers' empty."""
+    qdata = _load_json(questions_file)
+    questions = _get(qdata, "questions", list, questions_file)
+    subtype = subtype or _get(qdata, "data_subtype", str, f"{questions_file} (or pass subtype=)")
+    image_root = Path(image_root) / subtype if (Path(image_root) / subtype).is_dir() else Path(image_root)
+    annotations = {}
+    if annotations_file is not None:
+        for i, ann in enumerate(_get(_load_json(annotations_file), "annotations", list, annotations_file)):
+            annotations[_get(ann, "question_id", int, f"{annotations_file}: annotation {i}")] = (i, ann)
+    samples = []
+    for i, q in enumerate(questions):
+        where = f"{questions_file}: question {i}"
+        qid, image_id = _get(q, "question_id", int, where), _get(q, "image_id", int, where)
+        text = _get(q, "question", str, where)
+        image = str(image_root / f"COCO_{subtype}_{image_id:012d}.jpg")
+        sample = {"id": str(qid), "image": image, "messages": [("user", _user(prompt.format(q=text), image))],
+                  "answers": [], "question": text, "image_id": image_id}
+        if annotations_file is not None:
+            if qid not in annotations:
+                raise ValueError(f"{annotations_file}: no annotation for question_id {qid}")
+            j, ann = annotations[qid]
+            where = f"{annotations_file}: annotation {j}"
+            answers = [_get(a, "answer", str, f"{where} answers") for a in _get(ann, "answers", list, where)]
+            target = _get(ann, "multiple_choice_answer", str, where)
+            sample["messages"].append(("assistant", target))
+            sample.update(answers=answers, answer_type=ann.get("answer_type"), question_type=ann.get("question_type"))
+        samples.append(sample)
+    return samples
+
+
+def read_coco_karpathy(path, *, image_root, split=None, prompt=CAPTION_PROMPT, per_caption=False):
+    """COCO captions on the Karpathy split, from either file:
+    - LAVIS coco_karpathy_{train,val,test}.json: [{'image': 'val2014/COCO_val2014_....jpg', 'caption': str
+      or [str], 'image_id': ...}] (train has one entry per caption); `split` is not needed.
+    - Karpathy's dataset_coco.json: {'images': [{'filepath', 'filename', 'cocoid', 'split', 'sentences':
+      [{'raw'}]}]}; split 'train' includes 'restval' (113,287 images), 'val' / 'test' 5,000 each.
+    One sample per image ('answers' = all its references, the target is the first), or per_caption=True:
+    one per caption (for training). The user turn is "<image>\\n{prompt}" ("<image>" alone for prompt="")."""
+    data = _load_json(path)
+    images = {}  # image path -> (id, [captions]), in file order
+    if isinstance(data, dict):
+        if split is None:
+            raise ValueError(f"{path}: dataset_coco.json holds every split; pass split='train'|'val'|'test'")
+        wanted = {"train": ("train", "restval")}.get(split, (split,))
+        for i, img in enumerate(_get(data, "images", list, path)):
+            where = f"{path}: images[{i}]"
+            if _get(img, "split", str, where) not in wanted:
+                continue
+            file = Path(image_root) / _get(img, "filepath", str, where) / _get(img, "filename", str, where)
+            refs = [_get(s, "raw", str, f"{where} sentences") for s in _get(img, "sentences", list, where)]
+            images[str(file)] = (str(img.get("cocoid", img["filename"])), refs)
+    elif isinstance(data, list):
+        for i, entry in enumerate(data):
+            where = f"{path}: entry {i}"
+            file = str(Path(image_root) / _get(entry, "image", str, where))
+            caption = _get(entry, "caption", (str, list), where)
+            captions = [caption] if isinstance(caption, str) else caption
+            if not all(isinstance(c, str) for c in captions):
+                raise ValueError(f"{where}: field 'caption' should hold strings")
+            images.setdefault(file, (str(entry.get("image_id", entry["image"])), []))[1].extend(captions)
+    else:
+        raise ValueError(f"{path}: expected a LAVIS list of entries or dataset_coco.json's {{'images': [...]}}")
+    samples = []
+    for file, (image_id, refs) in images.items():
+        if not refs:
+            raise ValueError(f"{path}: image {file} has no captions")
+        user = IMAGE_PLACEHOLDER + (f"\n{prompt}" if prompt else "")
+        for k, target in enumerate(refs if per_caption else refs[:1]):
+            samples.append({"id": f"{image_id}-{k}" if per_caption else image_id, "image": file,
+                            "messages": [("user", user), ("assistant", target.strip())],
+                            "answers": refs, "image_id": image_id})
+    return samples
+
+
+def read_llava_json(path, *, image_root=None):
+    """LLaVA-style instruction data: [{'id', 'image' (optional, relative to image_root), 'conversations':
+    [{'from': 'human'|'gpt', 'value'}]}]. Turns must alternate human/gpt, starting with human and ending with
+    gpt. As LLaVA's preprocess_multimodal, the first human turn of a sample with an image gets "<image>\\n" at
+    its front (moved there, or added when missing); one image per sample."""
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of samples")
+    roles = {"human": "user", "gpt": "assistant"}
+    samples = []
+    for i, entry in enumerate(data):
+        where = f"{path}: entry {i} (id {entry.get('id') if isinstance(entry, dict) else None})"
+        conversations = _get(entry, "conversations", list, where)
+        image = entry.get("image")
+        if image is not None and not isinstance(image, str):
+            raise ValueError(f"{where}: field 'image' should be a file name, got {type(image).__name__}")
+        messages = []
+        for j, turn in enumerate(conversations):
+            source = _get(turn, "from", str, f"{where} conversations[{j}]")
+            value = _get(turn, "value", str, f"{where} conversations[{j}]")
+            if source not in roles:
+                raise ValueError(f"{where} conversations[{j}]: 'from' is {source!r}, expected 'human' or 'gpt'")
+            if roles[source] != ("user", "assistant")[j % 2]:
+                raise ValueError(f"{where} conversations[{j}]: turns must alternate human/gpt starting with human")
+            messages.append((roles[source], value))
+        if not messages or messages[-1][0] != "assistant":
+            raise ValueError(f"{where}: conversations must end with a 'gpt' turn")
+        n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in messages)
+        if image is None and n_placeholders:
+            raise ValueError(f"{where}: '<image>' in the text but no 'image' field")
+        if image is not None:
+            if n_placeholders > 1:
+                raise ValueError(f"{where}: {n_placeholders} '<image>' placeholders for one image")
+            if n_placeholders and IMAGE_PLACEHOLDER not in messages[0][1]:
+                raise ValueError(f"{where}: '<image>' must be in the first human turn")
+            messages[0] = ("user", _user(messages[0][1].replace(IMAGE_PLACEHOLDER, "").strip(), image))
+            image = str(Path(image_root) / image) if image_root is not None else image
+        samples.append({"id": str(entry.get("id", i)), "image": image, "messages": messages,
+                        "answers": [messages[-1][1]]})
+    return samples
+
+# -----------------------------------------------------------------------------
+# 6. Dataset + collate
+#
+# ConversationDataset tokenizes every sample once up front (text only, cheap) to drop the ones that cannot
+# be trained on: labels that do not line up with tokens ('mismatch') and answers that do not fit max_len
+# ('too_long'). The counts are in .skipped (and printed as a warning); .lengths holds the token counts
+# (for length-grouped sampling). Every index then yields a valid item, so batches are never empty and
+# DDP ranks stay in step. Images are loaded in __getitem__ (a bad file raises, naming it); with
+# load_images=False items carry only the image's source (item['image']), e.g. to cache a frozen tower's
+# features per image.
+#
+# collate right-pads input_ids with pad_id and labels with IGNORE_INDEX, and stacks pixels: text-only
+# samples in a batch with images get a zero image and has_image=False; a batch without any loaded image
+# has pixels=None.
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    def __init__(self, samples, tok, *, template, image_cfg=None, n_image_tokens=0, max_len=2048, system=None,
+                 load_images=True):
+        self.samples, self.tok, self.template, self.system = samples, tok, template, system
+        self.image_cfg, self.n_image_tokens, self.max_len = image_cfg, n_image_tokens, max_len
+        self.load_images = load_images
+        self.keep, self.lengths, self.skipped = [], [], Counter()
+        for i, sample in enumerate(samples):
+            n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in sample["messages"])
+            if n_placeholders != (sample["image"] is not None):
+                raise ValueError(f"sample {sample['id']}: {n_placeholders} '<image>' placeholders "
+                                 f"but image={sample['image']!r:.80}")
+            if sample["messages"][-1][0] != "assistant":
+                raise ValueError(f"sample {sample['id']}: no answer to train on "
+                                 "(the last message is not the assistant's)")
+            if sample["image"] is not None and image_cfg is None and load_images:
+                raise ValueError("samples have images: pass image_cfg=image_config(...)")
+            try:
+                ids, _ = self.tokenize(sample)
+            except SkipSample as e:
+                self.skipped[e.reason] += 1
+                continue
+            self.keep.append(i)
+            self.lengths.append(len(ids))
+        if self.skipped:
+            warnings.warn(f"skipped {sum(self.skipped.values())} of {len(samples)} samples: {dict(self.skipped)}")
+
+    def tokenize(self, sample):
+        pieces = template_pieces(self.template, sample["messages"], self.system)
+        return tokenize_conversation(self.tok, pieces, self.n_image_tokens, self.max_len)
+
+    def __len__(self):
+        return len(self.keep)
+
+    def __getitem__(self, index):
+        sample = self.samples[self.keep[index]]
+        ids, labels = self.tokenize(sample)
+        pixels = None
+        if sample["image"] is not None and self.load_images:
+            pixels = preprocess_image(load_image(sample["image"]), self.image_cfg)
+        return {"id": sample["id"], "image": sample["image"], "pixels": pixels,
+                "input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def collate(batch, *, pad_id):
+    """list of items -> {'input_ids', 'labels', 'attention_mask' (B, T), 'pixels' (B, 3, H, W) or None,
+    'has_image' (B,), 'images' (their sources), 'ids'}. Use functools.partial(collate, pad_id=tok.pad_id)."""
+    B, T = len(batch), max(len(item["input_ids"]) for item in batch)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.bool)
+    for i, item in enumerate(batch):
+        n = len(item["input_ids"])
+        input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = item["input_ids"], item["labels"], True
+    has_image = torch.tensor([item["image"] is not None for item in batch])
+    pixels = None
+    if any(item["pixels"] is not None for item in batch):
+        blank = torch.zeros_like(next(item["pixels"] for item in batch if item["pixels"] is not None))
+        pixels = torch.stack([blank if item["pixels"] is None else item["pixels"] for item in batch])  # (B, 3, H, W)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "pixels": pixels, "has_image": has_image, "images": [item["image"] for item in batch],
+            "ids": [item["id"] for item in batch]}
+
+
+def left_pad(prompts, pad_id):
+    """Batched generation: prompts [list of ids] -> (ids (B, T) long, attention_mask (B, T) bool), padded on
+    the left so that every prompt ends at the last column."""
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, T - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            attention_mask[i, T - len(p):] = True
+    return ids, attention_mask

@@ -1,0 +1,88 @@
+"""
+Chat with / complete from a language model, or ask a trained VLM about an image, streaming the tokens.
+
+  python sample.py --prompt="What is the capital of France?"            # offline SmolLM2, chat template
+  python sample.py                                                       # interactive multi-turn chat
+  python sample.py --model=Qwen/Qwen2-0.5B-Instruct --temperature=0.7
+  python sample.py --chat=False --prompt="The three primary colours are"  # raw completion
+  python sample.py --ckpt=out/easyvqa/ckpt.pt --image=shape.png --prompt="what color is the shape?"
+"""
+import os
+import sys
+
+import torch
+
+import data
+from model import Decoder, resolve
+
+model = 'checkpoints/SmolLM2-135M-Instruct'  # hub id or folder of a language model
+ckpt = ''                    # a train.py checkpoint: chat with that VLM instead (its config names the towers)
+image = ''                   # image file for a VLM checkpoint
+prompt = ''                  # '' = interactive
+system = ''                  # '' = the template's default system prompt
+template = ''                # '' = the model's own chat template
+chat = True                  # False: raw completion of `prompt`, no template
+max_new_tokens = 256
+temperature = 0.0            # 0 = greedy
+top_p = 0.9
+seed = 1337
+device = 'cpu'
+dtype = 'float32'            # CPU decoding is memory-bound: float32 matvecs are faster than bfloat16 ones here
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+
+torch.manual_seed(seed)
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+if ckpt:
+    import eval as evaluate
+    vlm, tok, chat_template, image_cfg, n_image_tokens = evaluate.load_vlm(ckpt, device=device, dtype=ptdtype)
+    lm = vlm.lm
+else:
+    vlm, image_cfg, n_image_tokens = None, None, 0
+    folder = resolve(model)
+    lm = Decoder.from_pretrained(folder, dtype=ptdtype, device=device)
+    tok = data.Tokenizer(folder)
+    chat_template = data.pick_template(tok, template or None)
+if image and not ckpt:
+    raise SystemExit("--image needs --ckpt (a trained VLM checkpoint)")
+
+
+def stream(ids, pixels=None):
+    """Generate from prompt ids, printing text as it forms; returns the answer text."""
+    x = torch.tensor([ids], device=device)
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=tok.stop_ids)
+    steps = vlm.stream(x, pixels=pixels, **kw) if vlm is not None else lm.stream(x, **kw)
+    out, shown = [], ''
+    for t in steps:
+        if int(t) in tok.stop_ids:
+            break
+        out.append(int(t))
+        text = tok.decode(out)
+        if not text.endswith('\ufffd'):  # wait for the rest of a multi-byte character
+            print(text[len(shown):], end='', flush=True)
+            shown = text
+    print()
+    return tok.decode(out)
+
+
+pixels = None
+if image:
+    pixels = data.preprocess_image(data.load_image(image), image_cfg)[None].to(device)
+
+if not chat:
+    if not prompt:
+        raise SystemExit("--chat=False needs --prompt")
+    print(prompt, end='')
+    stream(tok.encode(prompt, bos=tok.add_bos))
+    sys.exit()
+
+messages = []
+while True:
+    text = prompt if prompt else input('\n>>> ')
+    if not messages and image:
+        text = data.IMAGE_PLACEHOLDER + '\n' + text
+    messages.append(('user', text))
+    ids = data.encode_prompt(tok, chat_template, messages, n_image_tokens=n_image_tokens, max_len=lm.cfg.max_seq_len,
+                             system=system or None)
+    messages.append(('assistant', stream(ids, pixels)))
+    if prompt:
+        break
