@@ -860,3 +860,41 @@ def left_pad(prompts, pad_id):
             ids[i, T - len(p):] = torch.as_tensor(p, dtype=torch.long)
             attention_mask[i, T - len(p):] = True
     return ids, attention_mask
+
+
+def group_by_image(samples):
+    """Merge single-turn samples that share an image into one multi-round conversation per image, in file
+    order: "<image>\nQ1" A1 Q2 A2 ... (LLaVA-1.5 does this for VQAv2 / GQA: the image and the template
+    are then encoded once for all its questions). 'answers' becomes the list of every round's answers."""
+    merged = {}
+    for s in samples:
+        if s['image'] is None or len(s['messages']) != 2:
+            raise ValueError(f"sample {s['id']}: group_by_image needs single-turn samples with an image")
+        g = merged.setdefault(s['image'], {'id': s['id'], 'image': s['image'], 'messages': [], 'answers': []})
+        (user, q), (_, a) = s['messages']
+        q = q if not g['messages'] else q.replace(IMAGE_PLACEHOLDER, '', 1).lstrip('\n')
+        g['messages'] += [(user, q), ('assistant', a)]
+        g['answers'].append(s['answers'])
+    return list(merged.values())
+
+
+def read_split(cfg, split, group=False):
+    """The samples of `split` for a train.py config (keys dataset, data_root, image_root, prompt_format,
+    question_prompt); group=True merges each image's questions into one conversation (group_by_image)."""
+    samples = _read_split(cfg, split)
+    return group_by_image(samples) if group else samples
+
+
+def _read_split(cfg, split):
+    name, root, images = cfg['dataset'], cfg['data_root'], cfg['image_root'] or cfg['data_root']
+    if name == 'easyvqa':
+        return read_easy_vqa(split, prompt=cfg['question_prompt'], root=root or None)
+    if name == 'scienceqa':
+        return read_scienceqa(root, split, prompt_format=cfg['prompt_format'])
+    if name == 'vqav2':
+        return read_vqav2(*vqav2_files(root, split), image_root=images, prompt=cfg['question_prompt'])
+    if name == 'coco':
+        return read_coco_karpathy(Path(root) / f'coco_karpathy_{split}.json', image_root=images)
+    if name == 'llava':
+        return read_llava_json(root, image_root=cfg['image_root'] or str(Path(root).parent))  # default: next to the JSON
+    raise ValueError(f"unknown dataset {name!r}; one of easyvqa, scienceqa, vqav2, coco, llava")

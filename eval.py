@@ -15,8 +15,15 @@ accuracies in percent.
 
 import math
 import numbers
+import os
 import re
 from collections import Counter
+from contextlib import nullcontext
+
+import torch
+
+import data
+import peft
 
 # -----------------------------------------------------------------------------
 # PTB tokenizer for captions
@@ -630,3 +637,175 @@ def exact_match_accuracy(predictions, answers):
 
 # =============================================================================
 # end of the metrics section (running a model over a split goes below)
+
+
+# -----------------------------------------------------------------------------
+# Running a model over a split: prompts -> batched generation with the KV cache -> the task's scorer.
+# train.py calls `run` at the end of training; `python eval.py --ckpt=...` does the same for a checkpoint.
+
+def prepare(cfg, model):
+    """What turns samples into model inputs for this config: tokenizer, template, system prompt, image
+    preprocessing and the number of visual tokens per image."""
+    from model import resolve
+    tok = data.Tokenizer(resolve(cfg['init_lm']))
+    overrides = {'size': cfg['image_size'], 'crop_size': cfg['image_size']} if cfg['image_size'] else {}
+    overrides.update({'resize': cfg['image_resize']} if cfg['image_resize'] else {})
+    image_cfg = data.image_config(resolve(cfg['init_vision']), tower=model.vision.cfg.kind, **overrides)
+    return dict(tok=tok, template=data.pick_template(tok, cfg['template'] or None),
+                system=None if cfg['system_prompt'] == 'default' else cfg['system_prompt'], image_cfg=image_cfg,
+                n_image_tokens=model.fusion.n_tokens(model.vision.n_tokens(image_cfg['crop_size'])))
+
+
+def load_vlm(path, device='cpu', dtype=torch.float32):
+    """A train.py checkpoint -> (model in eval mode, prepare(...) dict, the checkpoint's config)."""
+    from fusion import build_vlm
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    cfg = ckpt['config']
+    model = build_vlm(cfg, dtype=dtype, device=device)
+    peft.load_trainable_state_dict(model, ckpt['model'], where=path)
+    return model.eval(), prepare(cfg, model), cfg
+
+
+def image_inputs(model, images, image_cfg, *, cache=None, device='cpu', dtype=torch.float32, autocast=nullcontext()):
+    """Image sources (path or bytes; None for a text-only sample) -> dict(pixels, feats, has_image) for
+    VLM.forward / generate. With a `cache` dict the frozen tower runs once per distinct image, in chunks
+    of 64 in sorted order, so the same features come back however the batches are composed."""
+    has_image = torch.tensor([x is not None for x in images], device=device)
+    if not has_image.any():
+        return dict(pixels=None, feats=None, has_image=has_image)
+    if cache is None:
+        px = [data.preprocess_image(data.load_image(x), image_cfg) if x is not None else None for x in images]
+        blank = torch.zeros_like(next(p for p in px if p is not None))
+        pixels = torch.stack([p if p is not None else blank for p in px]).to(device=device, dtype=dtype)
+        return dict(pixels=pixels, feats=None, has_image=has_image)
+    todo = sorted({x for x in images if x is not None and x not in cache})
+    for i in range(0, len(todo), 64):
+        chunk = todo[i:i + 64]
+        px = torch.stack([data.preprocess_image(data.load_image(x), image_cfg) for x in chunk])
+        with torch.no_grad(), autocast:
+            f = model.image_features(px.to(device=device, dtype=dtype))
+        cache.update(zip(chunk, f.to(dtype)))
+    blank = torch.zeros_like(cache[next(x for x in images if x is not None)])
+    return dict(pixels=None, feats=torch.stack([cache[x] if x is not None else blank for x in images]),
+                has_image=has_image)
+
+
+_LETTER = re.compile(r'The answer is \(?([A-Z])\b')
+
+
+def parse_answer(task, text, sample):
+    """Generated text -> what the task's scorer compares. ScienceQA: the option index after 'The answer
+    is' (ADEM-VL / LaVIN regex), else a leading capital letter ('B', 'B.'), else -1 (counted wrong;
+    LaVIN picks a random option instead, which makes its score non-deterministic)."""
+    text = text.strip()
+    if task == 'scienceqa':
+        m = _LETTER.search(text) or re.match(r'\(?([A-Z])\b', text)
+        i = ord(m.group(1)) - ord('A') if m else -1
+        return i if 0 <= i < len(sample['choices']) else -1
+    return text
+
+
+def score(task, samples, preds):
+    """{metric: value} for the task; preds[i] answers samples[i]."""
+    if task == 'scienceqa':
+        problems = {s['id']: dict(answer=s['answer_index'], subject=s['subject'], hint=s['hint'],
+                                  image=s['has_image'], grade=s['grade']) for s in samples}
+        return scienceqa_accuracy({s['id']: p for s, p in zip(samples, preds)}, problems)
+    if task == 'vqav2':
+        return vqa_score({s['id']: p for s, p in zip(samples, preds)}, {s['id']: s['answers'] for s in samples},
+                         {s['id']: s.get('answer_type') for s in samples} if all(s.get('answer_type') for s in samples) else None)
+    if task == 'coco':
+        scores = caption_scores({s['id']: p for s, p in zip(samples, preds)}, {s['id']: s['answers'] for s in samples})
+        return {k: 100 * v for k, v in scores.items() if k != 'per_image'}
+    return {'accuracy': exact_match_accuracy({s['id']: p for s, p in zip(samples, preds)},
+                                             {s['id']: s['answers'][0] for s in samples})}
+
+
+@torch.inference_mode()
+def run(model, samples, io, *, task, features=None, batch_size=32, max_new_tokens=10, autocast=nullcontext(),
+        rank=0, world=1, device='cpu', dtype=torch.float32, progress=True):
+    """Generate an answer for every sample's prompt (its messages minus the final answer), batched with
+    left padding and sorted by length, score them, and return {'task', 'n', 'metrics', 'predictions'}.
+    Under DDP each rank generates a strided share; rank 0 gathers and scores (others get None).
+    features(images) -> dict(pixels, feats, has_image): the caller's (cached) image pipeline."""
+    from tqdm import tqdm
+    tok = io['tok']
+    features = features or (lambda images: image_inputs(model, images, io['image_cfg'], device=device, dtype=dtype))
+    mine = list(range(rank, len(samples), world))
+    prompts = {i: data.encode_prompt(tok, io['template'], samples[i]['messages'][:-1], io['n_image_tokens'],
+                                     model.lm.cfg.max_seq_len - max_new_tokens, system=io['system']) for i in mine}
+    mine.sort(key=lambda i: len(prompts[i]))
+    texts = {}
+    was_training = model.training
+    model.eval()
+    sharded = hasattr(model, 'unshard')  # FSDP2: gather the root's parameters for calls outside forward()
+    if sharded:
+        model.unshard()
+    for k in tqdm(range(0, len(mine), batch_size), disable=not progress or rank != 0, desc=f'eval {task}',
+                  dynamic_ncols=True):
+        idx = mine[k:k + batch_size]
+        ids, mask = data.left_pad([prompts[i] for i in idx], tok.pad_id)
+        with autocast:
+            out = model.generate(ids.to(device), pad_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                 stop_ids=tok.stop_ids, **features([samples[i]['image'] for i in idx]))
+        for i, row in zip(idx, out.tolist()):
+            cut = next((j for j, t in enumerate(row) if t in tok.stop_ids), len(row))
+            text = tok.decode(row[:cut])
+            texts[i] = text.split('\n')[0] if io['template'] == 'plain' else text
+    model.train(was_training)
+    if sharded:
+        model.reshard()
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, texts)
+        texts = {k: v for g in gathered for k, v in g.items()}
+    if rank != 0:
+        return None
+    preds = [parse_answer(task, texts[i], samples[i]) for i in range(len(samples))]
+    return dict(task=task, n=len(samples), metrics=score(task, samples, preds),
+                predictions=[dict(id=s['id'], text=texts[i], pred=p, answers=s['answers'])
+                             for i, (s, p) in enumerate(zip(samples, preds))])
+
+
+def print_table(result):
+    m = result['metrics']
+    if result['task'] == 'scienceqa':
+        print(scienceqa_table(m))
+    else:
+        print(' | '.join(f'{k} {v:.2f}' for k, v in m.items()) + f"  ({result['n']} samples, {result['task']})")
+
+
+# -----------------------------------------------------------------------------
+# CLI: score a train.py checkpoint on a split
+#   python eval.py --ckpt=out/easyvqa/ckpt.pt --split=test
+#   python eval.py --ckpt=out/adem_sqa/ckpt.pt --data_root=data/scienceqa --split=test
+
+if __name__ == '__main__':
+    import json
+    ckpt = 'out/easyvqa/ckpt.pt'
+    split = ''                   # '' = the checkpoint's eval_split
+    data_root = ''               # '' = the checkpoint's
+    limit = 0                    # score only the first N samples (0 = all)
+    batch_size = 32
+    max_new_tokens = 0           # 0 = the checkpoint's
+    device = 'cpu'
+    dtype = 'float32'
+    out = ''                     # result JSON ('' = next to the checkpoint)
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    model, io, cfg = load_vlm(ckpt, device=device, dtype=ptdtype)
+    cfg.update(data_root=data_root or cfg['data_root'])
+    samples = data.read_split(cfg, split or cfg['eval_split'])
+    samples = samples[:limit] if limit else samples
+    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=ptdtype)
+    result = run(model, samples, io, task=cfg['dataset'], batch_size=batch_size, autocast=autocast, device=device,
+                 dtype=ptdtype, max_new_tokens=max_new_tokens or cfg['max_new_tokens'],
+                 features=lambda images: image_inputs(model, images, io['image_cfg'], cache={}, device=device,
+                                                      dtype=ptdtype, autocast=autocast))
+    print_table(result)
+    path = out or os.path.join(os.path.dirname(ckpt), f"eval_{split or cfg['eval_split']}.json")
+    with open(path, 'w') as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")

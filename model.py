@@ -22,9 +22,8 @@ plug in; empty ModuleLists add no parameters, no state-dict keys and no cost.
 """
 
 import json
-import math
 import os
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -179,7 +178,9 @@ class ViTBlock(nn.Module):
         self.fc2 = nn.Linear(cfg.mlp_dim, d)
         self.ls1 = nn.Parameter(torch.ones(d)) if cfg.layer_scale else None
         self.ls2 = nn.Parameter(torch.ones(d)) if cfg.layer_scale else None
-        self.adapters = nn.ModuleList()  # seam: bottleneck adapters in parallel with the MLP (ADEM-VL, LaVIN)
+        # seams for adapters in the tower (empty by default)
+        self.attn_in = nn.ModuleList()   # a <- f(a) on the normed attention input (LaVIN's router adapters)
+        self.adapters = nn.ModuleList()  # x <- x + f(h), in parallel with the MLP on its normed input (ADEM-VL)
 
     def attn(self, x):
         B, T, D = x.shape
@@ -189,7 +190,10 @@ class ViTBlock(nn.Module):
         return self.o(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
     def forward(self, x):
-        a = self.attn(self.norm1(x))
+        a = self.norm1(x)
+        for f in self.attn_in:
+            a = f(a)
+        a = self.attn(a)
         x = x + (a * self.ls1 if self.ls1 is not None else a)
         h = self.norm2(x)
         m = self.fc2(act_fn(self.cfg.act, self.fc1(h)))
@@ -212,6 +216,10 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.n_layers))
         # CLIP: post_layernorm (HF applies it to the pooled CLS only); DINOv2 / SigLIP: on every token
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+    def n_tokens(self, image_size):
+        """Tokens the tower outputs for a square image of this size (patches [+ CLS])."""
+        return (image_size // self.cfg.patch_size) ** 2 + int(self.cfg.cls_token)
 
     def pos_embed(self, gh, gw):
         """Position embeddings for a gh x gw patch grid; bicubic interpolation (in float32, as HF
@@ -702,10 +710,12 @@ IMAGE_TOKEN = -200   # placeholder id in input_ids; each is replaced by one visu
 
 
 class VLM(nn.Module):
-    """A vision tower and a decoder joined by a fusion method (fusion.py). The fusion returns
-    (tokens, media): `tokens` (B, n, d) are spliced into the token embeddings at the IMAGE_TOKEN
-    positions (input-level fusion: LLaVA, Q-Former, ADEM-VL's CLS); `media` is handed to the modules
-    the fusion placed in the decoder's seams (attention-level fusion: Flamingo, ADEM-VL, LaVIN).
+    """A vision tower and a decoder joined by a fusion method (fusion.py). The fusion is called as
+    fusion(feats, has_image=, ids=) and returns (tokens, media): `tokens` (B, n, d) are spliced into the
+    token embeddings at the IMAGE_TOKEN positions (input-level fusion: LLaVA, Q-Former, ADEM-VL's CLS);
+    `media` (a dict) reaches the modules the fusion placed in the decoder's seams through ctx.media, at
+    every step of generation too (attention-level fusion: Flamingo, ADEM-VL, LaVIN, MMCA). A fusion that
+    changes the attention itself swaps a block's Attention for a subclass overriding `attend`.
     One image per sample: pixels / feats are (B, ...) with has_image (B,) False for text-only rows."""
 
     def __init__(self, vision: ViT, lm: Decoder, fusion: nn.Module, *, vision_layer=-1, vision_norm=False):
@@ -726,7 +736,7 @@ class VLM(nn.Module):
             return x, {}
         if has_image is None:
             has_image = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-        tokens, media = self.fusion(feats, has_image=has_image)
+        tokens, media = self.fusion(feats, has_image=has_image, ids=ids)
         slots = ids == IMAGE_TOKEN  # (B, T)
         if tokens is not None:
             tokens = tokens[has_image]  # (n_img, n, d)

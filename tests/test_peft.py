@@ -1,5 +1,4 @@
 """peft.py vs HF peft on a tiny random LLaMA saved in the test."""
-import importlib.util
 import os
 import subprocess
 import sys

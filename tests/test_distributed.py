@@ -1,0 +1,56 @@
+"""train.py under torchrun on 2 CPU processes (gloo): DDP and FSDP2 give the same losses and trained weights
+as one process with the same global batch, and their checkpoints resume in a single process."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+pytest.importorskip('transformers')
+
+
+def args(tiny, data, out, **kw):
+    a = dict(init_vision=tiny['dinov2'], init_lm=tiny['lm'], dataset='llava', data_root=data, out_dir=str(out),
+             template='qwen2', max_iters=4, eval_interval=4, eval_iters=1, log_interval=1, learning_rate=3e-3,
+             warmup_ratio=0.25, lora_r=4, trainable="('fusion.','lora_')", final_eval=False, dtype='float32',
+             max_len=128, threads=1, grad_accum=2)
+    a.update(kw)
+    return [f'--{k}={v}' for k, v in a.items()]
+
+
+def run(argv, nproc=1):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, 'train.py', *argv] if nproc == 1 else \
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'train.py', *argv]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def losses(out):
+    return [r['loss'] for r in map(json.loads, open(out / 'log.jsonl')) if 'loss' in r]
+
+
+@pytest.fixture(scope='module')
+def single(tiny, shapes_json, tmp_path_factory):
+    out = tmp_path_factory.mktemp('single')
+    run(args(tiny, shapes_json, out, batch_size=4))
+    return out
+
+
+@pytest.mark.parametrize('fsdp', [False, True], ids=['ddp', 'fsdp'])
+def test_two_processes_match_one(tiny, shapes_json, single, tmp_path, fsdp):
+    run(args(tiny, shapes_json, tmp_path, batch_size=2, fsdp=fsdp), nproc=2)  # 2 ranks x 2 = the same 4 samples
+    assert losses(tmp_path) == pytest.approx(losses(single), rel=1e-5, abs=1e-6)
+    a = torch.load(single / 'ckpt.pt', weights_only=True)
+    b = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert sorted(a['model']) == sorted(b['model']) and all('lora_' in k or 'fusion.' in k for k in b['model'])
+    for k in a['model']:
+        torch.testing.assert_close(b['model'][k], a['model'][k], rtol=1e-4, atol=1e-6)
+    assert sorted(a['optimizer']['state']) == sorted(b['optimizer']['state'])  # keyed by parameter name
+    # the distributed checkpoint resumes in one process
+    run(args(tiny, shapes_json, tmp_path, batch_size=4, max_iters=5, init_from='resume'))
+    assert len(losses(tmp_path)) == 5

@@ -1,0 +1,134 @@
+"""train.py end to end on tiny stand-in checkpoints (conftest `tiny`): learning, exact resume, atomic
+checkpoints, bad input (config keys, NaN losses, a checkpoint from another model)."""
+import json
+import runpy
+import sys
+
+import pytest
+import torch
+
+import eval as evaluate
+import model as model_py
+from conftest import ROOT
+
+pytest.importorskip('transformers')  # the tiny checkpoints are written with save_pretrained
+
+
+def train(monkeypatch, *args):
+    """Run train.py in this process with these command-line arguments; returns its globals."""
+    monkeypatch.setattr(sys, 'argv', ['train.py', *args])
+    return runpy.run_path(str(ROOT / 'train.py'), run_name='__main__')
+
+
+def base_args(tiny, data, out, **kw):
+    args = dict(init_vision=tiny['dinov2'], init_lm=tiny['lm'], dataset='llava', data_root=data, out_dir=str(out),
+                template='qwen2', batch_size=4, max_iters=8, eval_interval=4, eval_iters=1, log_interval=1,
+                learning_rate=3e-3, warmup_ratio=0.25, lora_r=4, trainable="('fusion.','lora_')",
+                final_eval=False, dtype='float32', max_len=128)
+    args.update(kw)
+    return [f'--{k}={v}' for k, v in args.items()]
+
+
+def losses(out):
+    return [r['loss'] for r in map(json.loads, open(out / 'log.jsonl')) if 'loss' in r]
+
+
+def test_overfits_a_handful_of_samples(tiny, shapes_json, tmp_path, monkeypatch):
+    # LLaVA's stage 2 with full fine-tuning: the projector and the whole (tiny) LM train
+    g = train(monkeypatch, *base_args(tiny, shapes_json, tmp_path, max_iters=100, eval_interval=100, lora_r=0,
+                                      trainable="('fusion.','lm.')", learning_rate=3e-3, warmup_ratio=0.1,
+                                      final_eval=True, max_new_tokens=4))
+    ls = losses(tmp_path)
+    assert len(ls) == 100
+    assert max(ls[-5:]) < 0.1 * ls[0], ls  # the loss falls far below its start ...
+    result = json.load(open(tmp_path / 'eval_test.json'))
+    # ... and it answers from the images: without them the best is ~42% (1 of 3 colours, 1 of 2 shapes)
+    assert result['n'] == 12 and result['metrics']['accuracy'] >= 75
+    assert g['n_image_tokens'] == 16 and g['feats_cache']  # 4x4 patches, features cached per image
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny, shapes_json, tmp_path, monkeypatch):
+    full, cut = tmp_path / 'full', tmp_path / 'cut'
+    train(monkeypatch, *base_args(tiny, shapes_json, full))
+    real_save = model_py.atomic_save
+
+    def save_then_crash(state, path):  # the process dies right after the step-4 checkpoint
+        real_save(state, path)
+        if state['step'] == 4:
+            raise KeyboardInterrupt('simulated crash')
+    monkeypatch.setattr(model_py, 'atomic_save', save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(monkeypatch, *base_args(tiny, shapes_json, cut))
+    monkeypatch.setattr(model_py, 'atomic_save', real_save)
+    ckpt = torch.load(cut / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == 4 and ckpt['data_pos'] == 16
+    train(monkeypatch, *base_args(tiny, shapes_json, cut, init_from='resume'))
+    assert losses(cut) == losses(full)  # bit-for-bit, steps 1-4 before the crash and 5-8 after
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / 'ckpt.pt'
+    model_py.atomic_save({'step': 1, 'w': torch.ones(3)}, path)
+    real = torch.save
+
+    def dies_midway(obj, f, *a, **kw):
+        real(obj, f, *a, **kw)
+        with open(f, 'r+b') as fh:  # a half-written file ...
+            fh.truncate(10)
+        raise OSError('disk full')  # ... and the writer dies
+    monkeypatch.setattr(torch, 'save', dies_midway)
+    with pytest.raises(OSError, match='disk full'):
+        model_py.atomic_save({'step': 2, 'w': torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, 'save', real)
+    assert torch.load(path, weights_only=True)['step'] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ['ckpt.pt']  # no temporary file left behind
+
+
+def test_nan_losses_are_skipped_counted_and_bounded(tiny, shapes_json, tmp_path, monkeypatch):
+    real = model_py.VLM.forward
+    calls = {'n': 0}
+
+    def nan_on_third(self, *a, **kw):
+        out = real(self, *a, **kw)
+        calls['n'] += 1
+        return out * float('nan') if calls['n'] == 3 and kw.get('labels') is not None else out
+    monkeypatch.setattr(model_py.VLM, 'forward', nan_on_third)
+    g = train(monkeypatch, *base_args(tiny, shapes_json, tmp_path / 'a', eval_interval=100))
+    assert g['bad_steps'] == 1 and g['step'] == 8
+    assert len(losses(tmp_path / 'a')) == 7  # the skipped step is not logged as a loss
+    monkeypatch.setattr(model_py.VLM, 'forward', lambda self, *a, **kw: real(self, *a, **kw) * float('nan'))
+    with pytest.raises(SystemExit, match='3 non-finite losses .more than max_bad_steps=2'):
+        train(monkeypatch, *base_args(tiny, shapes_json, tmp_path / 'b', max_bad_steps=2, eval_interval=100))
+
+
+@pytest.mark.parametrize('arg,message', [
+    ('--learning_rat=0.1', "unknown config key 'learning_rat'; did you mean learning_rate"),
+    ('--batch_size=2.5', "config key 'batch_size' expects int"),
+    ('--lora_targets=q', "config key 'lora_targets' expects tuple"),
+    ('no_such_config.py', 'config file no_such_config.py: No such file'),
+])
+def test_bad_config(monkeypatch, arg, message):
+    with pytest.raises(SystemExit, match=message):
+        train(monkeypatch, arg)
+
+
+def test_checkpoint_from_a_different_model(tiny, shapes_json, tmp_path, monkeypatch):
+    train(monkeypatch, *base_args(tiny, shapes_json, tmp_path, max_iters=1, eval_interval=1))
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    ckpt['config']['init_vision'] = tiny['clip']  # same width, but a CLIP tower: the projector still fits ...
+    ckpt['config']['lora_r'] = 8                  # ... while the LoRA shapes do not
+    torch.save(ckpt, tmp_path / 'other.pt')
+    with pytest.raises(ValueError, match=r'does not match this model(?s:.*)wrong shape: lm\.blocks\.0\.attn\.q\.lora_A'):
+        evaluate.load_vlm(str(tmp_path / 'other.pt'))
+
+
+def test_llava_sqa_config_takes_two_steps(tiny, sqa_root, tmp_path, monkeypatch):
+    """The LLaVA-1.5 ScienceQA recipe builds and trains with tiny local stand-ins for CLIP-L/336 and Vicuna-7B."""
+    g = train(monkeypatch, str(ROOT / 'config' / 'llava_sqa.py'), f'--init_vision={tiny["clip"]}',
+              f'--init_lm={tiny["lm"]}', f'--data_root={sqa_root}', f'--out_dir={tmp_path}', '--max_iters=2',
+              '--batch_size=2', '--grad_accum=1', '--template=qwen2', '--dtype=float32', '--eval_iters=1',
+              '--eval_limit=2', '--device=cpu', '--log_interval=1')
+    assert g['step'] == 2 and g['fusion'] == 'llava' and g['vision_layer'] == -2
+    assert len(losses(tmp_path)) == 2 and all(l == l for l in losses(tmp_path))
+    result = json.load(open(tmp_path / 'eval_test.json'))
+    assert result['task'] == 'scienceqa' and result['n'] == 2

@@ -1,0 +1,387 @@
+"""
+Train a vision-language model: a vision tower, a fusion method (fusion.py) and a decoder LM with any
+PEFT (peft.py), on one CPU or GPU, or many under torchrun (DDP or FSDP2). nanoGPT's shape: the
+defaults below are globals, overridden by a config file and --key=value (configurator.py), then one loop.
+
+  python train.py                                   # offline default: easy-VQA, DINOv2-S + SmolLM2-135M, CPU
+  python train.py config/llava_sqa.py --batch_size=4
+  torchrun --standalone --nproc_per_node=8 train.py config/adem_sqa.py
+  python train.py config/easyvqa_cpu.py --init_from=resume
+"""
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
+from tqdm import tqdm
+
+import data
+import eval as evaluate
+import peft
+from fusion import build_vlm
+from model import atomic_save
+
+# -----------------------------------------------------------------------------
+# config; the defaults are the offline easy-VQA job (config/easyvqa_cpu.py repeats them with comments)
+# I/O
+out_dir = 'out/easyvqa'
+init_from = 'scratch'        # 'scratch': public weights + new fusion / PEFT; 'resume': continue out_dir/ckpt.pt
+eval_interval = 250          # validation loss every this many steps (and a checkpoint)
+eval_iters = 10              # batches in a validation-loss estimate
+log_interval = 10
+always_save_checkpoint = True
+eval_only = False
+final_eval = True            # generate answers for the whole eval split when training ends and score them
+eval_limit = 0               # score only the first N samples of the eval split (0 = all)
+wandb_log = False
+wandb_project = 'vlm'
+wandb_run_name = 'run'
+# model
+init_vision = 'checkpoints/dinov2-small-imgfocus'  # hub id or folder (python convert.py makes this one)
+init_lm = 'checkpoints/SmolLM2-135M-Instruct'
+fusion = 'llava'
+vision_layer = -1            # HF hidden_states index of the tower's output (-2: LLaVA's penultimate layer)
+vision_norm = True           # apply the tower's final LayerNorm (DINOv2 last_hidden_state)
+vision_feature = 'patch'     # LLaVA's select_feature: 'patch' (no CLS) | 'cls_patch' | 'cls' (the CLS token alone)
+lora_r = 0                   # 0 = no LoRA
+lora_alpha = 16
+lora_dropout = 0.0
+lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+trainable = ('fusion.',)     # parameter-name patterns that train; everything else is frozen
+# data
+dataset = 'easyvqa'          # 'easyvqa' | 'scienceqa' | 'vqav2' | 'coco' | 'llava' (conversation JSON)
+data_root = ''               # dataset folder (or JSON file for 'llava'); easy-VQA comes from its package
+image_root = ''              # image folder when it is not under data_root
+train_split = 'train'
+eval_split = 'test'
+group_by_image = False       # train on one multi-round conversation per image (LLaVA-1.5's VQAv2 / GQA format)
+group_by_length = False      # batch samples of similar length together (less padding)
+image_size = 0               # 0 = the tower's preprocessor_config; else resize / crop to this size
+image_resize = ''            # '' = the tower's way; 'crop' | 'squash' | 'pad' (LLaVA-1.5: pad to square with the mean colour)
+template = ''                # chat template name; '' = the LM's own (data.pick_template)
+system_prompt = 'default'    # 'default' = the template's own; anything else verbatim ('' = an empty one)
+question_prompt = '{q}\nAnswer the question using a single word or phrase.'  # VQA-style user turn (LLaVA-1.5)
+prompt_format = 'CQM-A'      # ScienceQA prompt layout (data.scienceqa_prompt)
+max_len = 512
+max_new_tokens = 10
+# optimization
+batch_size = 16              # per process and micro-step
+grad_accum = 1               # micro-steps per optimizer step
+epochs = 1.0
+max_iters = 0                # > 0 overrides epochs
+learning_rate = 1e-3
+min_lr = 0.0
+warmup_ratio = 0.03          # linear warm-up over this fraction of the steps, then cosine to min_lr
+weight_decay = 0.0           # AdamW; never on 1-D parameters (norms, biases, gates)
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0              # 0 = off
+max_bad_steps = 10           # non-finite losses tolerated (each skips its step) before stopping
+# system
+device = 'auto'              # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
+dtype = 'auto'               # 'float32' | 'bfloat16' | 'float16' | 'auto' (bf16 on GPUs that have it, else fp32);
+                             # frozen weights are stored in it, trained ones in fp32
+fsdp = False                 # under torchrun: FSDP2 (fully_shard per block) instead of DDP
+cache_features = True        # compute the frozen tower's features once per image
+threads = 0                  # torch CPU threads (0 = torch's default)
+seed = 1337
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config = {k: globals()[k] for k in config_keys}
+# -----------------------------------------------------------------------------
+# processes, devices, precision
+
+ddp = int(os.environ.get('RANK', -1)) != -1
+if ddp:
+    rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+    if device == 'auto':
+        device = f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    if device.startswith('cuda'):
+        torch.cuda.set_device(device)
+else:
+    rank, local_rank, world = 0, 0, 1
+    device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+master = rank == 0
+if threads:
+    torch.set_num_threads(threads)
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if dtype == 'auto':  # CPUs without AVX-512 bf16 (like CI's) run bfloat16 matmuls slower than float32
+    dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+config['dtype'] = dtype
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+if dtype == 'float16' and device_type == 'cpu':
+    raise SystemExit("dtype='float16' on CPU runs at ~1 GFLOP/s; use 'bfloat16' or 'float32'")
+autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
+torch.manual_seed(seed)  # the same on every rank while the new modules are initialised (FSDP does not broadcast)
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+
+
+def print0(*a):
+    if master:
+        tqdm.write(' '.join(str(x) for x in a))
+
+# -----------------------------------------------------------------------------
+# model: public weights (frozen, stored in the compute dtype) + fusion / PEFT (trained, float32)
+
+
+ckpt = None
+if init_from == 'resume':
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f"init_from='resume' but {ckpt_path} does not exist")
+    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    for k in ('init_vision', 'init_lm', 'fusion', 'vision_layer', 'vision_norm', 'vision_feature', 'lora_r',
+              'lora_alpha', 'lora_targets', 'trainable'):  # the architecture comes from the checkpoint
+        config[k] = globals()[k] = ckpt['config'][k]
+elif init_from != 'scratch':
+    raise SystemExit(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
+model = build_vlm(config, dtype=ptdtype, device=device)
+for p in model.parameters():
+    if p.requires_grad:
+        p.data = p.data.float()  # master weights of what trains stay in float32
+if ckpt is not None:
+    peft.load_trainable_state_dict(model, ckpt['model'], where=ckpt_path)
+torch.manual_seed(seed + rank)  # from here on (dropout), each rank draws its own numbers
+n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {n_train / 1e6:.3f}M trainable")
+
+io = evaluate.prepare(config, model)
+tok, chat, n_image_tokens = io['tok'], io['template'], io['n_image_tokens']
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def dataset_for(samples):
+    return data.ConversationDataset(samples, tok, template=chat, image_cfg=io['image_cfg'], n_image_tokens=n_image_tokens,
+                                    max_len=max_len, system=io['system'], load_images=False)
+
+
+train_ds = dataset_for(data.read_split(config, train_split, group=group_by_image))
+eval_samples = data.read_split(config, eval_split)
+eval_ds = dataset_for(eval_samples)
+print0(f"data: {len(train_ds)} train / {len(eval_ds)} eval samples; {n_image_tokens} visual tokens per image")
+# the frozen tower's features, once per image, when no tower parameter trains (not under FSDP, whose
+# sharded tower runs inside the model's forward)
+feats_cache = {} if cache_features and not fsdp and not any(p.requires_grad for p in model.vision.parameters()) else None
+
+
+def image_inputs(images):
+    return evaluate.image_inputs(raw_model, images, io['image_cfg'], cache=feats_cache, device=device, dtype=ptdtype,
+                                 autocast=autocast)
+
+
+def image_args(b):
+    return {k: b[k] for k in ('pixels', 'feats', 'has_image')}
+
+
+def get_batch(ds, indices):
+    b = data.collate([ds[i] for i in indices], pad_id=tok.pad_id)
+    return dict(ids=b['input_ids'].to(device), labels=b['labels'].to(device), **image_inputs(b['images']))
+
+
+# The sample stream is a pure function of (seed, step): epoch e visits a seeded permutation, and optimizer
+# step s consumes the next batch_size x grad_accum x world samples (rank r takes its slice of each
+# micro-batch). Resuming at step s therefore continues with exactly the data the run would have seen.
+per_step = batch_size * grad_accum * world
+steps_per_epoch = max(1, len(train_ds) // per_step)
+max_steps = max_iters if max_iters > 0 else max(1, int(epochs * steps_per_epoch))
+warmup_steps = int(warmup_ratio * max_steps)
+
+_perms = {}
+
+
+def sample_index(g):
+    """Train-set index of the g-th sample of the stream. With group_by_length, each window of 16 steps'
+    samples is sorted by length, so that micro-batches need little padding (LLaVA's length grouping)."""
+    epoch, i = divmod(g, len(train_ds))
+    if epoch not in _perms:
+        _perms.clear()
+        perm = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        if group_by_length:
+            w = 16 * per_step
+            perm = [j for k in range(0, len(perm), w) for j in sorted(perm[k:k + w], key=lambda j: -train_ds.lengths[j])]
+        _perms[epoch] = perm
+    return _perms[epoch][i]
+
+
+def step_batches(step):
+    base = step * grad_accum * batch_size * world
+    return [get_batch(train_ds, [sample_index(base + (m * world + rank) * batch_size + j) for j in range(batch_size)])
+            for m in range(grad_accum)]
+
+# -----------------------------------------------------------------------------
+# distributed wrapping, optimizer, schedule
+
+
+raw_model = model
+if ddp and fsdp:
+    # FSDP2: every transformer block is a unit; the root holds the rest (embeddings, fusion, norms).
+    # Trainable and frozen parameters may share a unit: FSDP2 shards per parameter.
+    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+    mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32)
+    for blk in list(model.lm.blocks) + list(model.vision.blocks):
+        fully_shard(blk, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+elif ddp:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+params = [p for p in raw_model.parameters() if p.requires_grad]
+decay = [p for p in params if p.dim() >= 2]
+no_decay = [p for p in params if p.dim() < 2]
+optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
+                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+
+
+def get_lr(step):
+    """Linear warm-up, then half-cycle cosine to min_lr (per step)."""
+    if step < warmup_steps:
+        return learning_rate * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (learning_rate - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+step, bad_steps, best_val = 0, 0, float('inf')
+if ckpt is not None:
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=ckpt['optimizer'],
+                             options=StateDictOptions(full_state_dict=ddp))
+    scaler.load_state_dict(ckpt['scaler'])
+    step, bad_steps, best_val = ckpt['step'], ckpt['bad_steps'], ckpt['best_val']
+    torch.set_rng_state(ckpt['rng']['cpu'])
+    if device_type == 'cuda' and ckpt['rng'].get('cuda') is not None:
+        torch.cuda.set_rng_state(ckpt['rng']['cuda'])
+    print0(f"resumed from {ckpt_path} at step {step}")
+    ckpt = None  # free memory
+
+# -----------------------------------------------------------------------------
+# helpers: validation loss, checkpoint
+
+
+@torch.no_grad()
+def val_loss():
+    model.eval()
+    losses = []
+    for k in range(eval_iters):
+        idx = [(k * batch_size * world + rank * batch_size + j) % len(eval_ds) for j in range(batch_size)]
+        b = get_batch(eval_ds, idx)
+        with autocast:
+            losses.append(model(b['ids'], labels=b['labels'], **image_args(b)).float())
+    model.train()
+    loss = torch.stack(losses).mean()
+    if ddp:
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    return loss.item()
+
+
+def save_checkpoint():
+    """Trainable weights + optimizer + step + RNG + config, gathered to rank 0 (names without DDP / FSDP
+    wrappers, so any setup can resume it), written to a temporary file and renamed: an interrupted write
+    leaves the previous checkpoint intact."""
+    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    if not master:
+        return
+    state = dict(model=msd, optimizer=osd, scaler=scaler.state_dict(), step=step, bad_steps=bad_steps,
+                 best_val=best_val, data_pos=step * per_step, config=config,
+                 rng={'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None})
+    atomic_save(state, os.path.join(out_dir, 'ckpt.pt'))
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+log_path = os.path.join(out_dir, 'log.jsonl')
+if wandb_log and master:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+print0(f"training: {max_steps} steps of {per_step} samples ({epochs if max_iters == 0 else max_steps / steps_per_epoch:.2f} epochs), "
+       f"{device}, {dtype}, world {world}")
+model.train()
+bar = tqdm(total=max_steps, initial=step, disable=not master or eval_only, dynamic_ncols=True)
+t0, tokens_seen = time.time(), 0
+while step < max_steps and not eval_only:
+    lr = get_lr(step)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    batches = step_batches(step)
+    # normalise by the labelled tokens of the whole step (all micro-batches, all ranks), so that
+    # accumulation and data parallelism give the same gradient as one big batch
+    n_tok = torch.tensor(float(sum(int((b['labels'][:, 1:] != data.IGNORE_INDEX).sum()) for b in batches)), device=device)
+    if ddp:
+        dist.all_reduce(n_tok)
+    total = torch.zeros((), device=device)
+    for m, b in enumerate(batches):
+        last = m == grad_accum - 1
+        if ddp and not fsdp:
+            model.require_backward_grad_sync = last  # set before the forward (nanoGPT, build-nanogpt #30)
+        if ddp and fsdp:
+            model.set_requires_gradient_sync(last)
+        with autocast:
+            loss = model(b['ids'], labels=b['labels'], n_norm=n_tok.clamp(min=1), **image_args(b)) * world  # ranks are averaged
+        scaler.scale(loss).backward()
+        total += loss.detach() / world
+        tokens_seen += int(b['ids'].numel()) * world
+    finite = torch.isfinite(total).float()
+    if ddp:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() == 0:  # skip the update, count it, and give up after max_bad_steps
+        bad_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+        print0(f"step {step}: non-finite loss, update skipped ({bad_steps}/{max_bad_steps})")
+        if bad_steps > max_bad_steps:
+            raise SystemExit(f"stopping: {bad_steps} non-finite losses (more than max_bad_steps={max_bad_steps}); "
+                             f"try dtype='bfloat16' or 'float32', or a lower learning_rate")
+    else:
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    step += 1
+    if ddp:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    if master:
+        dt = time.time() - t0
+        rec = dict(step=step, loss=round(total.item(), 6), lr=lr, tok_s=round(tokens_seen / dt, 1), time=round(dt, 2))
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_s']:.0f}")
+        if finite.item() and (step % log_interval == 0 or step == max_steps):
+            with open(log_path, 'a') as f:
+                f.write(json.dumps(rec) + '\n')
+            if wandb_log:
+                wandb.log(rec)
+    if step % eval_interval == 0 or step == max_steps:
+        v = val_loss()
+        print0(f"step {step}: val loss {v:.4f}")
+        if master:
+            with open(log_path, 'a') as f:
+                f.write(json.dumps(dict(step=step, val_loss=v)) + '\n')
+        best_val = min(best_val, v)
+        if always_save_checkpoint or v <= best_val:
+            save_checkpoint()
+bar.close()
+
+# -----------------------------------------------------------------------------
+# final evaluation: generate for the eval split and score it
+
+if final_eval or eval_only:
+    samples = eval_samples[:eval_limit] if eval_limit else eval_samples
+    result = evaluate.run(raw_model, samples, io, task=dataset, features=image_inputs, batch_size=batch_size * 4,
+                          max_new_tokens=max_new_tokens, autocast=autocast, rank=rank, world=world, device=device,
+                          dtype=ptdtype)
+    if master:
+        evaluate.print_table(result)
+        with open(os.path.join(out_dir, f'eval_{eval_split}.json'), 'w') as f:
+            json.dump(result, f, indent=1)
+if ddp:
+    dist.destroy_process_group()
