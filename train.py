@@ -48,6 +48,7 @@ fusion = 'llava'
 vision_layer = -1            # HF hidden_states index of the tower's output (-2: LLaVA's penultimate layer)
 vision_norm = True           # apply the tower's final LayerNorm (DINOv2 last_hidden_state)
 vision_feature = 'patch'     # LLaVA's select_feature: 'patch' (no CLS) | 'cls_patch' | 'cls' (the CLS token alone)
+mmca_attention = True        # fusion='mmca': False keeps its projection but uses plain causal attention
 lora_r = 0                   # 0 = no LoRA
 lora_alpha = 16
 lora_dropout = 0.0
@@ -138,7 +139,7 @@ if init_from == 'resume':
         raise SystemExit(f"init_from='resume' but {ckpt_path} does not exist")
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     for k in ('init_vision', 'init_lm', 'fusion', 'vision_layer', 'vision_norm', 'vision_feature', 'lora_r',
-              'lora_alpha', 'lora_targets', 'trainable'):  # the architecture comes from the checkpoint
+              'lora_alpha', 'lora_targets', 'trainable', 'mmca_attention'):  # the architecture comes from the checkpoint
         config[k] = globals()[k] = ckpt['config'][k]
 elif init_from != 'scratch':
     raise SystemExit(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
