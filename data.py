@@ -183,6 +183,8 @@ class Tokenizer:
 # - gemma: google/gemma-*-it tokenizer_config.json (content trimmed, role 'model', no system role).
 # - plain: LLaVA stage-1 (conv_llava_plain, train.py preprocess_plain): user text then answer + "\n",
 #   no roles; LLaVA keeps only "<image>" of the user turn, so give readers prompt="" to match it.
+# - base: base (non-chat) LMs as ADEM-VL / LaVIN train LLaMA-1 (util/datasets.py ScienceQADataSet.tokenize):
+#   the user text and the answer concatenated as they are, then the tokenizer's EOS token (labelled).
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -271,6 +273,13 @@ def plain(messages, system=None, add_generation_prompt=False):
     return [(text, False) if role == "user" else (text + "\n", True) for role, text in messages]
 
 
+def base(messages, system=None, add_generation_prompt=False, eos="</s>"):
+    system, messages = _turns(messages, system)
+    if system is not None:
+        raise ValueError("the 'base' template has no system prompt")
+    return [(text, False) if role == "user" else (text + eos, True) for role, text in messages]
+
+
 TEMPLATES = {
     "vicuna_v1": vicuna_v1,
     "llama2": llama2,
@@ -278,6 +287,7 @@ TEMPLATES = {
     "qwen2": partial(chatml, default_system=QWEN2_SYSTEM),
     "gemma": gemma,
     "plain": plain,
+    "base": base,
 }
 
 
@@ -287,8 +297,10 @@ def _template(name):
     return TEMPLATES[name]
 
 
-def template_pieces(template, messages, system=None, add_generation_prompt=False):
-    return _template(template)(messages, system=system, add_generation_prompt=add_generation_prompt)
+def template_pieces(template, messages, system=None, add_generation_prompt=False, eos=None):
+    """eos: the tokenizer's EOS token text, which the 'base' template ends answers with (default "</s>")."""
+    kw = {"eos": eos} if template == "base" and eos is not None else {}
+    return _template(template)(messages, system=system, add_generation_prompt=add_generation_prompt, **kw)
 
 
 def render(template, messages, system=None, add_generation_prompt=False):
@@ -378,9 +390,10 @@ def tokenize_conversation(tok, pieces, n_image_tokens=0, max_len=2048, *, bos=No
     return ids.tolist(), labels.tolist()
 
 
-def encode_prompt(tok, template, messages, n_image_tokens=0, max_len=2048, *, system=None):
-    """Inference: the prompt ids for `messages` (ending with a user turn) plus the generation prompt."""
-    pieces = template_pieces(template, messages, system, add_generation_prompt=True)
+def encode_prompt(tok, template, messages, n_image_tokens=0, max_len=2048, *, system=None, answer_prefix=""):
+    """Inference: the prompt ids for `messages` (ending with a user turn) plus the generation prompt, then
+    `answer_prefix`, text the model continues (ADEM-VL's ScienceQA evaluation: "The answer is")."""
+    pieces = template_pieces(template, messages, system, add_generation_prompt=True) + [(answer_prefix, False)]
     return tokenize_conversation(tok, pieces, n_image_tokens, max_len)[0]
 
 # -----------------------------------------------------------------------------
@@ -409,6 +422,9 @@ TOWER_DEFAULTS = {
     "dinov2": dict(resize="crop", size=256, crop_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=3),
     "siglip": dict(resize="squash", size=224, crop_size=224, mean=(0.5,) * 3, std=(0.5,) * 3, resample=3),
 }  # resample: PIL code, 3 = BICUBIC
+# (mean, std) by name, for image_config(mean=, std=) overrides (train.py's image_norm)
+IMAGE_NORMS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+               "half": ((0.5,) * 3, (0.5,) * 3)}
 
 
 def load_image(src):
@@ -813,7 +829,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             warnings.warn(f"skipped {sum(self.skipped.values())} of {len(samples)} samples: {dict(self.skipped)}")
 
     def tokenize(self, sample):
-        pieces = template_pieces(self.template, sample["messages"], self.system)
+        pieces = template_pieces(self.template, sample["messages"], self.system,
+                                 eos=self.tok.tk.id_to_token(self.tok.eos_id))
         return tokenize_conversation(self.tok, pieces, self.n_image_tokens, self.max_len)
 
     def __len__(self):
@@ -878,19 +895,49 @@ def group_by_image(samples):
     return list(merged.values())
 
 
-def read_split(cfg, split, group=False):
+def restyle_image_slot(samples, image_slot="<image>\n", no_image_slot=""):
+    """How the first user turn opens. Readers write "<image>\\n" + text (or "<image>" alone) for a sample with
+    an image and the bare text for one without; `image_slot` replaces that leading "<image>\\n" (it must hold
+    "<image>" once: where the visual tokens go) and `no_image_slot` is put before a text-only sample's text.
+    ADEM-VL / LaVIN: "Image: <image>" and "Image: N/A " ([BOS] "Image: " [visual tokens] prompt, or [BOS]
+    "Image: N/A" prompt, adem/model.py insert_image_embeds; the trailing space is the word boundary that
+    their separate SentencePiece calls put before the prompt)."""
+    if image_slot.count(IMAGE_PLACEHOLDER) != 1:
+        raise ValueError(f"image_slot must contain '{IMAGE_PLACEHOLDER}' exactly once, got {image_slot!r}")
+    if image_slot == IMAGE_PLACEHOLDER + "\n" and no_image_slot == "":
+        return samples
+    out = []
+    for s in samples:
+        (role, text), rest = s["messages"][0], s["messages"][1:]
+        if s["image"] is not None:
+            if not text.startswith(IMAGE_PLACEHOLDER):
+                raise ValueError(f"sample {s['id']}: expected the first user turn to start with '{IMAGE_PLACEHOLDER}'")
+            text = text[len(IMAGE_PLACEHOLDER):]
+            text = image_slot + (text[1:] if text.startswith("\n") else text)
+        else:
+            text = no_image_slot + text
+        out.append({**s, "messages": [(role, text), *rest]})
+    return out
+
+
+def read_split(cfg, split, group=False, evaluation=False):
     """The samples of `split` for a train.py config (keys dataset, data_root, image_root, prompt_format,
-    question_prompt); group=True merges each image's questions into one conversation (group_by_image)."""
-    samples = _read_split(cfg, split)
-    return group_by_image(samples) if group else samples
+    question_prompt, image_slot, no_image_slot; for evaluation=True also eval_prompt_format, eval_captions);
+    group=True merges each image's questions into one conversation (group_by_image)."""
+    samples = _read_split(cfg, split, evaluation)
+    samples = group_by_image(samples) if group else samples
+    image_slot, no_image_slot = cfg.get('image_slot', IMAGE_PLACEHOLDER + "\n"), cfg.get('no_image_slot', '')
+    return restyle_image_slot(samples, image_slot, no_image_slot)
 
 
-def _read_split(cfg, split):
+def _read_split(cfg, split, evaluation=False):
     name, root, images = cfg['dataset'], cfg['data_root'], cfg['image_root'] or cfg['data_root']
     if name == 'easyvqa':
         return read_easy_vqa(split, prompt=cfg['question_prompt'], root=root or None)
-    if name == 'scienceqa':
-        return read_scienceqa(root, split, prompt_format=cfg['prompt_format'])
+    if name == 'scienceqa':  # ADEM-VL trains on CQM-A without captions and evaluates QCM-A with captions
+        fmt = (cfg.get('eval_prompt_format') or cfg['prompt_format']) if evaluation else cfg['prompt_format']
+        captions = (cfg.get('eval_captions') or None) if evaluation else None
+        return read_scienceqa(root, split, prompt_format=fmt, captions_file=captions)
     if name == 'vqav2':
         return read_vqav2(*vqav2_files(root, split), image_root=images, prompt=cfg['question_prompt'])
     if name == 'coco':

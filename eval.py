@@ -645,15 +645,20 @@ def exact_match_accuracy(predictions, answers):
 
 def prepare(cfg, model):
     """What turns samples into model inputs for this config: tokenizer, template, system prompt, image
-    preprocessing and the number of visual tokens per image."""
+    preprocessing, the number of visual tokens per image and the answer prefix of evaluation prompts."""
     from model import resolve
     tok = data.Tokenizer(resolve(cfg['init_lm']))
     overrides = {'size': cfg['image_size'], 'crop_size': cfg['image_size']} if cfg['image_size'] else {}
     overrides.update({'resize': cfg['image_resize']} if cfg['image_resize'] else {})
+    norm = cfg.get('image_norm', '')
+    if norm and norm not in data.IMAGE_NORMS:
+        raise ValueError(f"image_norm must be '' (the tower's) or one of {sorted(data.IMAGE_NORMS)}, got {norm!r}")
+    overrides.update(dict(zip(('mean', 'std'), data.IMAGE_NORMS[norm])) if norm else {})
     image_cfg = data.image_config(resolve(cfg['init_vision']), tower=model.vision.cfg.kind, **overrides)
     return dict(tok=tok, template=data.pick_template(tok, cfg['template'] or None),
                 system=None if cfg['system_prompt'] == 'default' else cfg['system_prompt'], image_cfg=image_cfg,
-                n_image_tokens=model.fusion.n_tokens(model.vision.n_tokens(image_cfg['crop_size'])))
+                n_image_tokens=model.fusion.n_tokens(model.vision.n_tokens(image_cfg['crop_size'])),
+                answer_prefix=cfg.get('answer_prefix', ''))
 
 
 def load_vlm(path, device='cpu', dtype=torch.float32):
@@ -668,13 +673,20 @@ def load_vlm(path, device='cpu', dtype=torch.float32):
     return model.eval(), prepare(cfg, model), cfg
 
 
-def image_inputs(model, images, image_cfg, *, cache=None, device='cpu', dtype=torch.float32, autocast=nullcontext()):
+def image_inputs(model, images, image_cfg, *, cache=None, device='cpu', dtype=torch.float32, autocast=nullcontext(),
+                 always=False):
     """Image sources (path or bytes; None for a text-only sample) -> dict(pixels, feats, has_image) for
     VLM.forward / generate. With a `cache` dict the frozen tower runs once per distinct image, in chunks
-    of 64 in sorted order, so the same features come back however the batches are composed."""
+    of 64 in sorted order, so the same features come back however the batches are composed.
+    always=True: a batch without images gets blank pixels too, so that the tower runs for every batch
+    (FSDP: every rank must run the same sharded blocks, whatever its share of the batch holds)."""
     has_image = torch.tensor([x is not None for x in images], device=device)
     if not has_image.any():
-        return dict(pixels=None, feats=None, has_image=has_image)
+        if not always:
+            return dict(pixels=None, feats=None, has_image=has_image)
+        side = image_cfg['size'] if image_cfg['resize'] == 'squash' else image_cfg['crop_size']
+        return dict(pixels=torch.zeros(len(images), 3, side, side, device=device, dtype=dtype), feats=None,
+                    has_image=has_image)
     if cache is None:
         px = [data.preprocess_image(data.load_image(x), image_cfg) if x is not None else None for x in images]
         blank = torch.zeros_like(next(p for p in px if p is not None))
@@ -726,8 +738,9 @@ def score(task, samples, preds):
 @torch.inference_mode()
 def run(model, samples, io, *, task, features=None, batch_size=32, max_new_tokens=10, autocast=nullcontext(),
         rank=0, world=1, device='cpu', dtype=torch.float32, progress=True):
-    """Generate an answer for every sample's prompt (its messages minus the final answer), batched with
-    left padding and sorted by length, score them, and return {'task', 'n', 'metrics', 'predictions'}.
+    """Generate an answer for every sample's prompt (its messages minus the final answer, then
+    io['answer_prefix'], which the generated text continues and is not part of), batched with left padding
+    and sorted by length, score them, and return {'task', 'n', 'metrics', 'predictions'}.
     Under DDP each rank generates a strided share; rank 0 gathers and scores (others get None).
     features(images) -> dict(pixels, feats, has_image): the caller's (cached) image pipeline."""
     from tqdm import tqdm
@@ -735,7 +748,8 @@ def run(model, samples, io, *, task, features=None, batch_size=32, max_new_token
     features = features or (lambda images: image_inputs(model, images, io['image_cfg'], device=device, dtype=dtype))
     mine = list(range(rank, len(samples), world))
     prompts = {i: data.encode_prompt(tok, io['template'], samples[i]['messages'][:-1], io['n_image_tokens'],
-                                     model.lm.cfg.max_seq_len - max_new_tokens, system=io['system']) for i in mine}
+                                     model.lm.cfg.max_seq_len - max_new_tokens, system=io['system'],
+                                     answer_prefix=io.get('answer_prefix', '')) for i in mine}
     mine.sort(key=lambda i: len(prompts[i]))
     # 'plain' answers end with a newline (LLaVA stage 1), which is no special token: stop on it too
     stop_ids = tok.stop_ids + (tok.encode('\n')[-1:] if io['template'] == 'plain' else [])
@@ -799,7 +813,7 @@ if __name__ == '__main__':
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     model, io, cfg = load_vlm(ckpt, device=device, dtype=ptdtype)
     cfg.update(data_root=data_root or cfg['data_root'])
-    samples = data.read_split(cfg, split or cfg['eval_split'])
+    samples = data.read_split(cfg, split or cfg['eval_split'], evaluation=True)
     samples = samples[:limit] if limit else samples
     autocast = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=ptdtype)
     result = run(model, samples, io, task=cfg['dataset'], batch_size=batch_size, autocast=autocast, device=device,

@@ -9,6 +9,8 @@ feats (B, N, Dv) (has_image (B,) bool, ids (B, T) the input ids) and returning (
 `build_vlm(config)` at the bottom is the one place a config line picks a method.
 """
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -151,15 +153,177 @@ def use_mmca(lm):
     for blk in lm.blocks:
         blk.attn.__class__ = MMCAAttention
     return lm
+# ADEM-VL: parameter-free cross-attention in parallel with every FFN, multiscale visual prompts,
+# adaptive fusion. Hao et al. 2024, "ADEM-VL: Adaptive and Embedded Fusion for Efficient Vision-Language
+# Tuning" (arXiv 2410.17779). Reference code: Hao840/ADEM-VL adem/model.py (Avg2dSampler, Projector,
+# Transformer.forward / insert_image_embeds), adem/adapter.py (Adapter, forward_llama, forward_clip),
+# adem/build.py (what trains), clip/model.py (the tower stops at the penultimate block, ln_post on every
+# token, no proj). What follows is what that code computes, quirks included (the drop also runs at
+# inference; text-only samples still get e1 / e2; the CLIP adapters' 0.1 is hard-coded).
+#
+#   CLIP ViT-L/14 (penultimate layer, ln_post)  F: (B, 1 + 256, 1024), with ADEMViTAdapters in its blocks
+#     |- F[:, 0]  (CLS) -> proj_cls -> one token spliced after "Image: " in the prompt (input level)
+#     '- F[:, 1:] -> 16x16 grid -> scales (256, 64): as is + avg-pooled to 8x8 -> (B, 320, 1024)
+#                 -> proj -> * beta * has_image = V (B, 320, d)
+#   keys SiLU(V + e1), values V + e2, computed once per forward and put in media; in every LM layer,
+#   in parallel with the FFN on its normed input X = ffn_norm(h):
+#     S = SiLU(X) keys^T                 (B, T, 320)   no heads, no 1/sqrt(d), no softmax
+#     S[S < the (floor(drop_ratio * 320) + 1)-th smallest of its row] = 0      ("adaptive fusion")
+#     out = h + FFN(X) + alpha * S values
+#
+# A text-only sample has V = 0 (and no CLS slot: its prompt reads "Image: N/A"), so its keys are SiLU(e1)
+# and its values e2: zero at init, which leaves the frozen LM exactly unchanged for it at step 0; after
+# training e2 is not zero and the branch still acts on text-only samples.
+# The LM-side branch has no parameters: each block gets an ADEMCrossAttention in its `ffn_side` seam that
+# reads keys / values from ctx.media. With the KV cache nothing changes: a token's branch needs only that
+# token and V, and media reaches every decoding step.
+#
+# Trainable (every official parameter named '*adapter*'): proj, proj_cls, e1, e2 (fusion.*) and the CLIP
+# adapters (vision.blocks.*.adapters.*). With CLIP ViT-L/14 and LLaMA-7B: 2 x 320 x 4096 (e1, e2)
+# + 2 x 659,584 (proj, proj_cls) + 24 x 2 x 1024 x 12 (CLIP adapters) = 4,530,432 (tests/test_fusion_adem.py).
+# The 24th CLIP adapter is built but never runs (the tower stops at block 23), as in the official code,
+# whose count includes it.
+
+
+class LowRankProjector(nn.Module):
+    """Linear(in -> hidden) -> SiLU -> Linear(hidden -> out), xavier-uniform weights, zero biases
+    (ADEM-VL's `Projector`, hidden_proj 128: the paper's low-rank projection)."""
+
+    def __init__(self, in_dim, hidden, out_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, out_dim)
+        for fc in (self.fc1, self.fc2):
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, x):
+        return self.fc2(F.silu(self.fc1(x)))
+
+
+def multiscale(patches, scales):
+    """Patch tokens (B, N, C) of a square grid -> (B, sum(scales), C): for each token count n in `scales`
+    the grid average-pooled to sqrt(n) x sqrt(n) (the full grid passes unchanged), flattened row-major,
+    concatenated (ADEM-VL's Avg2dSampler; '--down_sample_num 256 64' are token counts, not widths)."""
+    B, N, C = patches.shape
+    g = math.isqrt(N)
+    if g * g != N:
+        raise ValueError(f"ADEM-VL multiscale prompts need a square patch grid, got {N} patch tokens")
+    grid = patches.transpose(1, 2).reshape(B, C, g, g)  # (B, C, g, g)
+    out = []
+    for n in scales:
+        s = math.isqrt(n)
+        if s * s != n or s > g:
+            raise ValueError(f"adem_scales entry {n}: need a square number of at most {N} tokens "
+                             f"(the tower's {g}x{g} patch grid)")
+        x = grid if s == g else F.adaptive_avg_pool2d(grid, s)  # (B, C, s, s)
+        out.append(x.flatten(2).transpose(1, 2))  # (B, s*s, C)
+    return torch.cat(out, dim=1)  # (B, sum(scales), C)
+
+
+class ADEMFusion(nn.Module):
+    """The learned visual side of ADEM-VL: returns the projected CLS token (B, 1, d) for the "Image: "
+    slot and media = {'adem_keys': SiLU(V + e1), 'adem_values': V + e2}, each (B, N_v, d), N_v = sum(scales).
+    Called for text-only batches too (feats=None): their V is 0 but e1 / e2 still act."""
+
+    runs_without_images = True  # VLM.embed calls it for batches without any image (see model.VLM)
+
+    def __init__(self, vis_dim, lm_dim, *, scales=(256, 64), hidden=128, beta=0.01):
+        super().__init__()
+        self.scales, self.beta = tuple(scales), beta
+        n_v = sum(self.scales)
+        self.proj = LowRankProjector(vis_dim, hidden, lm_dim)      # official adapter_proj
+        self.proj_cls = LowRankProjector(vis_dim, hidden, lm_dim)  # official adapter_proj_cls
+        self.e1 = nn.Parameter(torch.randn(1, n_v, lm_dim) * 0.02)  # added to the keys (adapter_emb1)
+        self.e2 = nn.Parameter(torch.zeros(1, n_v, lm_dim))         # added to the values (adapter_emb2)
+
+    def n_tokens(self, n_vis):
+        return 1  # the CLS token; the multiscale prompts enter through the FFN-side branch, not the sequence
+
+    def forward(self, feats, *, has_image=None, ids=None):
+        if feats is None:  # no image in the batch: V = 0
+            v = self.e1.new_zeros(ids.shape[0], self.e1.shape[1], self.e1.shape[2])  # (B, N_v, d)
+            tokens = None
+        else:
+            feats = feats.to(self.proj.fc1.weight.dtype)
+            if has_image is None:
+                has_image = torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
+            gate = self.beta * has_image.to(feats.dtype)[:, None, None]  # (B, 1, 1): beta * indicator
+            v = gate * self.proj(multiscale(feats[:, 1:], self.scales))  # (B, N_v, d)
+            tokens = self.proj_cls(feats[:, :1])  # (B, 1, d); not scaled by beta
+        return tokens, {'adem_keys': F.silu(v + self.e1), 'adem_values': v + self.e2}
+
+
+def adaptive_drop(scores, ratio):
+    """Zero the floor(ratio * N_v) lowest scores of every row of scores (..., N_v): the threshold is the
+    score at that rank of the ascending sort and only scores strictly below it go, so ties at the threshold
+    stay (official Adapter.forward; in training and inference alike)."""
+    k = int(ratio * scores.shape[-1])
+    if k == 0:
+        return scores
+    tau = scores.sort(dim=-1).values[..., k:k + 1]  # (..., 1)
+    return scores.masked_fill(scores < tau, 0.0)
+
+
+class ADEMCrossAttention(nn.Module):
+    """Parameter-free cross-attention for the decoder's `ffn_side` seam: x (B, T, d) = ffn_norm(h) ->
+    alpha * drop(SiLU(x) keys^T) values (official Adapter with hidden_dim=0, scaled by `s` = alpha)."""
+
+    def __init__(self, *, alpha=0.1, drop_ratio=0.1):
+        super().__init__()
+        if not 0.0 <= drop_ratio < 1.0:
+            raise ValueError(f"adem_drop_ratio must be in [0, 1), got {drop_ratio}")
+        self.alpha, self.drop_ratio = alpha, drop_ratio
+
+    def forward(self, x, ctx):
+        if 'adem_keys' not in ctx.media:
+            raise ValueError("ADEM-VL's FFN-side branch needs the media of ADEMFusion: run the VLM, not its lm alone")
+        keys, values = ctx.media['adem_keys'].to(x.dtype), ctx.media['adem_values'].to(x.dtype)  # (B, N_v, d)
+        s = F.silu(x) @ keys.transpose(1, 2)  # (B, T, N_v)
+        s = adaptive_drop(s, self.drop_ratio)
+        return self.alpha * (s @ values)  # (B, T, d)
+
+    def extra_repr(self):
+        return f"alpha={self.alpha}, drop_ratio={self.drop_ratio}"
+
+
+class ADEMViTAdapter(nn.Module):
+    """Bottleneck in parallel with a CLIP block's MLP, for the ViTBlock `adapters` seam: h = ln_2(x) ->
+    scale * fc2(Dropout(0.1)(GELU(fc1 h))); fc1 dim -> hidden (default init), fc2 hidden -> dim (zeros), no
+    biases, scale 0.1 hard-coded (official set_Clip_Adapter with --adapter_dim 12)."""
+
+    def __init__(self, dim, hidden=12, *, scale=0.1):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, dim, bias=False)
+        nn.init.zeros_(self.fc2.weight)
+        self.drop = nn.Dropout(0.1)
+        self.scale = scale
+
+    def forward(self, h):
+        return self.scale * self.fc2(self.drop(F.gelu(self.fc1(h))))
+
+
+def attach_adem(vision, lm, *, alpha=0.1, drop_ratio=0.1, adapter_dim=12):
+    """Put ADEM-VL's modules into the seams: an ADEMViTAdapter in every tower block (adapter_dim 0: none)
+    and one parameter-free ADEMCrossAttention in every decoder block's ffn_side. Returns nothing."""
+    w = vision.patch.weight
+    if adapter_dim > 0:
+        for blk in vision.blocks:
+            blk.adapters.append(ADEMViTAdapter(vision.cfg.dim, adapter_dim).to(device=w.device, dtype=w.dtype))
+    for blk in lm.blocks:
+        blk.ffn_side.append(ADEMCrossAttention(alpha=alpha, drop_ratio=drop_ratio))
 
 # -----------------------------------------------------------------------------
 # Building a VLM from a config dict (train.py, eval.py and sample.py all go through here)
 
+FUSIONS = ('llava', 'mmca', 'adem')
+
 
 def build_vlm(cfg, dtype=torch.float32, device='cpu'):
     """cfg keys: init_vision, init_lm (hub id or folder), fusion, vision_layer, vision_norm, vision_feature,
-    mmca_attention (fusion 'mmca'), lora_r / lora_alpha / lora_dropout / lora_targets (r = 0: no LoRA),
-    trainable (name patterns)."""
+    lora_r / lora_alpha / lora_dropout / lora_targets (r = 0: no LoRA), trainable (name patterns), and each
+    method's own keys (train.py's globals document them)."""
     vision = ViT.from_pretrained(cfg['init_vision'], dtype=dtype, device=device)
     lm = Decoder.from_pretrained(cfg['init_lm'], dtype=dtype, device=device)
     name = cfg['fusion']
@@ -171,8 +335,15 @@ def build_vlm(cfg, dtype=torch.float32, device='cpu'):
         fusion = DSVLProjection(vision.cfg.dim, lm.cfg.dim, select=select)
         if cfg['mmca_attention']:  # False: the same projection with plain causal attention (the paper's ablation)
             use_mmca(lm)
+    elif name == 'adem':
+        if not vision.cfg.cls_token:
+            raise ValueError("fusion 'adem' needs a vision tower with a CLS token (CLIP, DINOv2), not SigLIP")
+        fusion = ADEMFusion(vision.cfg.dim, lm.cfg.dim, scales=cfg['adem_scales'], hidden=cfg['adem_hidden'],
+                            beta=cfg['adem_beta'])
+        attach_adem(vision, lm, alpha=cfg['adem_alpha'], drop_ratio=cfg['adem_drop_ratio'],
+                    adapter_dim=cfg['adem_adapter_dim'])
     else:
-        raise ValueError(f"unknown fusion {name!r}; one of: llava, mmca")
+        raise ValueError(f"unknown fusion {name!r}; one of: {', '.join(FUSIONS)}")
     model = VLM(vision, lm, fusion.to(device=device, dtype=dtype), vision_layer=cfg['vision_layer'],
                 vision_norm=cfg['vision_norm'])
     if cfg.get('lora_r', 0):

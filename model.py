@@ -716,6 +716,8 @@ class VLM(nn.Module):
     `media` (a dict) reaches the modules the fusion placed in the decoder's seams through ctx.media, at
     every step of generation too (attention-level fusion: Flamingo, ADEM-VL, LaVIN, MMCA). A fusion that
     changes the attention itself swaps a block's Attention for a subclass overriding `attend`.
+    A batch without any image skips the fusion (feats=None), unless the fusion sets `runs_without_images =
+    True`: then it is called with feats=None, for learned parts that act on text-only samples (ADEM-VL).
     One image per sample: pixels / feats are (B, ...) with has_image (B,) False for text-only rows."""
 
     def __init__(self, vision: ViT, lm: Decoder, fusion: nn.Module, *, vision_layer=-1, vision_norm=False):
@@ -732,10 +734,10 @@ class VLM(nn.Module):
     def embed(self, ids, feats, has_image=None):
         """Token embeddings with the visual tokens spliced in, and the fusion's media."""
         x = self.lm.embed_tokens(ids.clamp(min=0))  # (B, T, d); placeholders embed as id 0, then overwritten
-        if feats is None:
+        if feats is None and not getattr(self.fusion, 'runs_without_images', False):
             return x, {}
-        if has_image is None:
-            has_image = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+        if has_image is None or feats is None:
+            has_image = torch.full((ids.shape[0],), feats is not None, dtype=torch.bool, device=ids.device)
         tokens, media = self.fusion(feats, has_image=has_image, ids=ids)
         slots = ids == IMAGE_TOKEN  # (B, T)
         if tokens is not None:

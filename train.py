@@ -54,6 +54,13 @@ lora_alpha = 16
 lora_dropout = 0.0
 lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 trainable = ('fusion.',)     # parameter-name patterns that train; everything else is frozen
+# ADEM-VL (fusion = 'adem'; fusion.py, config/adem_sqa.py)
+adem_scales = (256, 64)      # visual prompt tokens per scale: the patch grid as is (16x16) + avg-pooled to 8x8
+adem_hidden = 128            # width of the low-rank projectors (official --hidden_proj)
+adem_beta = 0.01             # scale of the projected visual prompts V
+adem_alpha = 0.1             # scale of the FFN-side cross-attention output
+adem_drop_ratio = 0.1        # fraction of each text token's lowest visual scores set to 0
+adem_adapter_dim = 12        # bottleneck of the adapters in every vision-tower block (0 = none)
 # data
 dataset = 'easyvqa'          # 'easyvqa' | 'scienceqa' | 'vqav2' | 'coco' | 'llava' (conversation JSON)
 data_root = ''               # dataset folder (or JSON file for 'llava'); easy-VQA comes from its package
@@ -64,10 +71,16 @@ group_by_image = False       # train on one multi-round conversation per image (
 group_by_length = False      # batch samples of similar length together (less padding)
 image_size = 0               # 0 = the tower's preprocessor_config; else resize / crop to this size
 image_resize = ''            # '' = the tower's way; 'crop' | 'squash' | 'pad' (LLaVA-1.5: pad to square with the mean colour)
+image_norm = ''              # '' = the tower's mean / std; 'imagenet' | 'clip' | 'half' (data.IMAGE_NORMS)
 template = ''                # chat template name; '' = the LM's own (data.pick_template)
 system_prompt = 'default'    # 'default' = the template's own; anything else verbatim ('' = an empty one)
 question_prompt = '{q}\nAnswer the question using a single word or phrase.'  # VQA-style user turn (LLaVA-1.5)
 prompt_format = 'CQM-A'      # ScienceQA prompt layout (data.scienceqa_prompt)
+eval_prompt_format = ''      # ScienceQA layout of evaluation prompts ('' = prompt_format; ADEM-VL: 'QCM-A')
+eval_captions = ''           # ScienceQA captions.json whose captions join the context of evaluation prompts ('' = none)
+image_slot = '<image>\n'     # how an image opens the first user turn; '<image>' is where its tokens go
+no_image_slot = ''           # what opens a text-only sample's first user turn (ADEM-VL / LaVIN: 'Image: N/A ')
+answer_prefix = ''           # text after the generation prompt of evaluation prompts (ADEM-VL: 'The answer is')
 max_len = 512
 max_new_tokens = 10
 # optimization
@@ -166,7 +179,7 @@ def dataset_for(samples):
 
 
 train_ds = dataset_for(data.read_split(config, train_split, group=group_by_image))
-eval_samples = data.read_split(config, eval_split)
+eval_samples = data.read_split(config, eval_split, evaluation=True)
 eval_ds = dataset_for(eval_samples)
 print0(f"data: {len(train_ds)} train / {len(eval_ds)} eval samples; {n_image_tokens} visual tokens per image")
 # the frozen tower's features, once per image, when no tower parameter trains (not under FSDP, whose
@@ -176,7 +189,7 @@ feats_cache = {} if cache_features and not fsdp and not any(p.requires_grad for 
 
 def image_inputs(images):
     return evaluate.image_inputs(raw_model, images, io['image_cfg'], cache=feats_cache, device=device, dtype=ptdtype,
-                                 autocast=autocast)
+                                 autocast=autocast, always=ddp and fsdp)
 
 
 def image_args(b):
@@ -233,7 +246,9 @@ if ddp and fsdp:
     fully_shard(model, mp_policy=mp)
 elif ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+    # find_unused_parameters: a trainable parameter may get no gradient in a step (a projector in a batch
+    # without images; ADEM-VL's adapter in the last tower block, which a penultimate-layer tower never runs)
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, find_unused_parameters=True)
 
 params = [p for p in raw_model.parameters() if p.requires_grad]
 decay = [p for p in params if p.dim() >= 2]
