@@ -183,6 +183,9 @@ class Tokenizer:
 # - gemma: google/gemma-*-it tokenizer_config.json (content trimmed, role 'model', no system role).
 # - plain: LLaVA stage-1 (conv_llava_plain, train.py preprocess_plain): user text then answer + "\n",
 #   no roles; LLaVA keeps only "<image>" of the user turn, so give readers prompt="" to match it.
+# - completion: LaVIN's base-LM layout (lavin/model.py, util/datasets.py): [BOS] "Image: " + image tokens
+#   (or "Image: N/A") + prompt + answer + EOS. LaVIN tokenizes the three parts separately with
+#   SentencePiece, whose leading "▁" on the prompt we write as the space after the image slot.
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -271,6 +274,26 @@ def plain(messages, system=None, add_generation_prompt=False):
     return [(text, False) if role == "user" else (text + "\n", True) for role, text in messages]
 
 
+def completion(messages, system=None, add_generation_prompt=False):
+    """Base-LM layout (no roles, no system prompt, one turn) of LaVIN (lavin/model.py insert_image_embeds,
+    util/datasets.py): "Image: <image> " with an image, "Image: N/A " without, then the prompt, then the
+    answer directly after it. The answer ends with the tokenizer's EOS, labelled: tokenize_conversation
+    appends it for the templates in EOS_TEMPLATES."""
+    system, messages = _turns(messages, system)
+    if system is not None:
+        raise ValueError("the 'completion' template has no system prompt (set system_prompt='default')")
+    if len(messages) > 2:
+        raise ValueError(f"the 'completion' template takes one question and its answer, got {len(messages)} messages")
+    question = messages[0][1]
+    head = f"Image: {IMAGE_PLACEHOLDER} " if IMAGE_PLACEHOLDER in question else "Image: N/A "
+    pieces = [(head + question.replace(IMAGE_PLACEHOLDER, "").strip(), False)]
+    if len(messages) == 2:
+        pieces.append((messages[1][1], True))
+    return pieces
+
+
+EOS_TEMPLATES = ("completion",)  # templates whose answers end with the tokenizer's EOS token (not text)
+
 TEMPLATES = {
     "vicuna_v1": vicuna_v1,
     "llama2": llama2,
@@ -278,6 +301,7 @@ TEMPLATES = {
     "qwen2": partial(chatml, default_system=QWEN2_SYSTEM),
     "gemma": gemma,
     "plain": plain,
+    "completion": completion,
 }
 
 
@@ -335,9 +359,9 @@ class SkipSample(ValueError):
         self.reason = reason
 
 
-def tokenize_conversation(tok, pieces, n_image_tokens=0, max_len=2048, *, bos=None):
+def tokenize_conversation(tok, pieces, n_image_tokens=0, max_len=2048, *, bos=None, eos=False):
     """pieces [(text, labelled)] -> (input_ids, labels), two lists of ints of equal length.
-    bos=None adds BOS when the tokenizer wants one (tok.add_bos)."""
+    bos=None adds BOS when the tokenizer wants one (tok.add_bos); eos=True appends EOS, labelled."""
     text, spans = "", []
     for piece, labelled in pieces:
         if labelled and piece:
@@ -365,6 +389,8 @@ def tokenize_conversation(tok, pieces, n_image_tokens=0, max_len=2048, *, bos=No
         if tok.bos_id is None:
             raise ValueError(f"{tok.folder}: bos=True but this tokenizer has no BOS token")
         ids, labels = np.concatenate([[tok.bos_id], ids]), np.concatenate([[IGNORE_INDEX], labels])
+    if eos:
+        ids, labels = np.concatenate([ids, [tok.eos_id]]), np.concatenate([labels, [tok.eos_id]])
     if max_len is not None and len(ids) > max_len:
         removable = (labels == IGNORE_INDEX) & (ids != IMAGE_TOKEN)
         removable[0] &= not bos
@@ -814,7 +840,8 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def tokenize(self, sample):
         pieces = template_pieces(self.template, sample["messages"], self.system)
-        return tokenize_conversation(self.tok, pieces, self.n_image_tokens, self.max_len)
+        return tokenize_conversation(self.tok, pieces, self.n_image_tokens, self.max_len,
+                                     eos=self.template in EOS_TEMPLATES)
 
     def __len__(self):
         return len(self.keep)

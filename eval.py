@@ -650,6 +650,10 @@ def prepare(cfg, model):
     tok = data.Tokenizer(resolve(cfg['init_lm']))
     overrides = {'size': cfg['image_size'], 'crop_size': cfg['image_size']} if cfg['image_size'] else {}
     overrides.update({'resize': cfg['image_resize']} if cfg['image_resize'] else {})
+    if cfg.get('image_norm') == 'imagenet':  # LaVIN / ADEM-VL feed CLIP ImageNet-normalised images on ScienceQA
+        overrides.update(mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)
+    elif cfg.get('image_norm'):
+        raise ValueError(f"image_norm must be '' (the tower's own) or 'imagenet', not {cfg['image_norm']!r}")
     image_cfg = data.image_config(resolve(cfg['init_vision']), tower=model.vision.cfg.kind, **overrides)
     return dict(tok=tok, template=data.pick_template(tok, cfg['template'] or None),
                 system=None if cfg['system_prompt'] == 'default' else cfg['system_prompt'], image_cfg=image_cfg,
@@ -725,11 +729,12 @@ def score(task, samples, preds):
 
 @torch.inference_mode()
 def run(model, samples, io, *, task, features=None, batch_size=32, max_new_tokens=10, autocast=nullcontext(),
-        rank=0, world=1, device='cpu', dtype=torch.float32, progress=True):
+        rank=0, world=1, device='cpu', dtype=torch.float32, progress=True, temperature=0.0, top_p=1.0):
     """Generate an answer for every sample's prompt (its messages minus the final answer), batched with
     left padding and sorted by length, score them, and return {'task', 'n', 'metrics', 'predictions'}.
     Under DDP each rank generates a strided share; rank 0 gathers and scores (others get None).
-    features(images) -> dict(pixels, feats, has_image): the caller's (cached) image pipeline."""
+    features(images) -> dict(pixels, feats, has_image): the caller's (cached) image pipeline.
+    temperature 0 decodes greedily; > 0 samples (top_p: nucleus), e.g. LaVIN's 0.1 / 0.75."""
     from tqdm import tqdm
     tok = io['tok']
     features = features or (lambda images: image_inputs(model, images, io['image_cfg'], device=device, dtype=dtype))
@@ -749,7 +754,8 @@ def run(model, samples, io, *, task, features=None, batch_size=32, max_new_token
         ids, mask = data.left_pad([prompts[i] for i in idx], tok.pad_id)
         with autocast:
             out = model.generate(ids.to(device), pad_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 stop_ids=tok.stop_ids, **features([samples[i]['image'] for i in idx]))
+                                 stop_ids=tok.stop_ids, temperature=temperature, top_p=top_p,
+                                 **features([samples[i]['image'] for i in idx]))
         for i, row in zip(idx, out.tolist()):
             cut = next((j for j, t in enumerate(row) if t in tok.stop_ids), len(row))
             text = tok.decode(row[:cut])
@@ -802,6 +808,7 @@ if __name__ == '__main__':
     autocast = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=ptdtype)
     result = run(model, samples, io, task=cfg['dataset'], batch_size=batch_size, autocast=autocast, device=device,
                  dtype=ptdtype, max_new_tokens=max_new_tokens or cfg['max_new_tokens'],
+                 temperature=cfg.get('temperature', 0.0), top_p=cfg.get('top_p', 1.0),
                  features=lambda images: image_inputs(model, images, io['image_cfg'], cache={}, device=device,
                                                       dtype=ptdtype, autocast=autocast))
     print_table(result)

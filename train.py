@@ -53,6 +53,7 @@ lora_alpha = 16
 lora_dropout = 0.0
 lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 trainable = ('fusion.',)     # parameter-name patterns that train; everything else is frozen
+router_temperature = 10.0    # LaVIN: softmax temperature of the modality routers (10; 5 in LaVIN's 13B script)
 # data
 dataset = 'easyvqa'          # 'easyvqa' | 'scienceqa' | 'vqav2' | 'coco' | 'llava' (conversation JSON)
 data_root = ''               # dataset folder (or JSON file for 'llava'); easy-VQA comes from its package
@@ -63,12 +64,15 @@ group_by_image = False       # train on one multi-round conversation per image (
 group_by_length = False      # batch samples of similar length together (less padding)
 image_size = 0               # 0 = the tower's preprocessor_config; else resize / crop to this size
 image_resize = ''            # '' = the tower's way; 'crop' | 'squash' | 'pad' (LLaVA-1.5: pad to square with the mean colour)
+image_norm = ''              # '' = the tower's mean / std; 'imagenet' (LaVIN's and ADEM-VL's ScienceQA pipeline)
 template = ''                # chat template name; '' = the LM's own (data.pick_template)
 system_prompt = 'default'    # 'default' = the template's own; anything else verbatim ('' = an empty one)
 question_prompt = '{q}\nAnswer the question using a single word or phrase.'  # VQA-style user turn (LLaVA-1.5)
 prompt_format = 'CQM-A'      # ScienceQA prompt layout (data.scienceqa_prompt)
 max_len = 512
 max_new_tokens = 10
+temperature = 0.0            # final evaluation: 0 = greedy, else sampling with nucleus top_p
+top_p = 1.0
 # optimization
 batch_size = 16              # per process and micro-step
 grad_accum = 1               # micro-steps per optimizer step
@@ -138,7 +142,7 @@ if init_from == 'resume':
         raise SystemExit(f"init_from='resume' but {ckpt_path} does not exist")
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     for k in ('init_vision', 'init_lm', 'fusion', 'vision_layer', 'vision_norm', 'vision_feature', 'lora_r',
-              'lora_alpha', 'lora_targets', 'trainable'):  # the architecture comes from the checkpoint
+              'lora_alpha', 'lora_targets', 'trainable', 'router_temperature'):  # the architecture comes from the checkpoint
         config[k] = globals()[k] = ckpt['config'][k]
 elif init_from != 'scratch':
     raise SystemExit(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
@@ -378,7 +382,7 @@ if final_eval or eval_only:
     samples = eval_samples[:eval_limit] if eval_limit else eval_samples
     result = evaluate.run(raw_model, samples, io, task=dataset, features=image_inputs, batch_size=batch_size * 4,
                           max_new_tokens=max_new_tokens, autocast=autocast, rank=rank, world=world, device=device,
-                          dtype=ptdtype)
+                          dtype=ptdtype, temperature=temperature, top_p=top_p)
     if master:
         evaluate.print_table(result)
         with open(os.path.join(out_dir, f'eval_{eval_split}.json'), 'w') as f:
