@@ -236,7 +236,9 @@ if ddp and fsdp:
     fully_shard(model, mp_policy=mp)
 elif ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+    # find_unused_parameters: a micro-batch without images leaves the projector (and tower adapters) unused on
+    # its rank (ScienceQA has text-only questions); without it the gradient all-reduce goes out of step
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, find_unused_parameters=True)
 
 params = [p for p in raw_model.parameters() if p.requires_grad]
 decay = [p for p in params if p.dim() >= 2]

@@ -364,3 +364,20 @@ def test_lavin_sqa_config_takes_two_steps(tiny, sqa_root, tmp_path, monkeypatch)
     model, io, cfg = evaluate.load_vlm(str(tmp_path / 'ckpt.pt'))  # and the checkpoint loads back
     assert isinstance(model.fusion, LaVIN) and cfg['router_temperature'] == 10.0
     assert torch.equal(model.lm.blocks[0].attn_in[0].B.parts[0].weight, ckpt['model']['lm.blocks.0.attn_in.0.B.parts.0.weight'])
+
+
+def test_ddp_with_a_text_only_micro_batch(tiny, sqa_root, tmp_path):
+    """Two processes (gloo), one sample each: some steps give one rank a text-only question, which leaves the
+    projector and the tower's routers without gradients there. DDP must still all-reduce in step (train.py's
+    find_unused_parameters; without it gloo fails with a collective size mismatch)."""
+    import os
+    import subprocess
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+           str(ROOT / 'config' / 'lavin_sqa.py'), f'--init_vision={tiny["clip"]}', f'--init_lm={tiny["lm"]}',
+           f'--data_root={sqa_root}', f'--out_dir={tmp_path}', '--max_iters=4', '--batch_size=1', '--grad_accum=1',
+           '--dtype=float32', '--eval_iters=1', '--final_eval=False', '--device=cpu', '--threads=1', '--log_interval=1']
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    losses = [r['loss'] for r in map(json.loads, open(tmp_path / 'log.jsonl')) if 'loss' in r]
+    assert len(losses) == 4 and all(l == l for l in losses)
