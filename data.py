@@ -185,7 +185,8 @@ class Tokenizer:
 #   no roles; LLaVA keeps only "<image>" of the user turn, so give readers prompt="" to match it.
 # - completion: LaVIN's base-LM layout (lavin/model.py, util/datasets.py): [BOS] "Image: " + image tokens
 #   (or "Image: N/A") + prompt + answer + EOS. LaVIN tokenizes the three parts separately with
-#   SentencePiece, whose leading "▁" on the prompt we write as the space after the image slot.
+#   SentencePiece, whose leading "▁" on the prompt we write as the space after the image slot (a legacy
+#   LLaMA tokenizer.json, which prepends "▁" to the text after every special token, makes that one extra "▁").
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")

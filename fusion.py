@@ -66,6 +66,9 @@ class LLaVAProjector(nn.Module):
 # A: d -> 8 (+bias; xavier weight, zero bias); B, D: 8 -> d block-diagonal with 2 groups (weights and biases
 # zero: every router starts as the identity); W_r: d -> 2 (+bias, default init); dropout 0.1; s = 1; t = 10.
 # Linear and purely additive: for fixed w a router folds into the next linear layer (RepAdapter).
+# Trainable (LaVIN: every name with 'adapter'): the routers and this fusion, trainable=('fusion.', 'attn_in.'):
+# 3,781,296 parameters with CLIP ViT-L/14 + LLaMA-7B. Config: fusion='lavin', router_temperature (t);
+# the recipe is config/lavin_sqa.py.
 #
 # What x[:, 0] is, following the code:
 # - LLaMA blocks run (batch, tokens, dim), so x[:, 0] is each row's first token: the (normed) modality token.

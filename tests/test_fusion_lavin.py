@@ -74,10 +74,10 @@ def prompt(io, question, image=True, answer=None):
 # the router
 
 
-def official_router(x, r, *, lnd=False):
+def official_router(x, r):
     """LaVIN's RepAdapter_Router.forward (lavin/mm_adapter.py) restated with torch's Conv1d(kernel_size=1,
-    groups=2) modules holding our router's weights. lnd=True: x is (tokens, batch, dim), CLIP's layout, and
-    x[:, 0] is taken there exactly as the code does."""
+    groups=2) modules holding our router's weights; x[:, 0] routes, whatever the layout: (batch, tokens, dim)
+    in LLaMA, (tokens, batch, dim) in CLIP."""
     conv_a = nn.Conv1d(r.A.in_features, r.A.out_features, 1)
     conv_b, conv_d = (nn.Conv1d(r.A.out_features, r.A.in_features, 1, groups=2) for _ in range(2))
     with torch.no_grad():
@@ -119,7 +119,7 @@ def test_routers_match_lavins_conv_formulation():
     assert ctx.media['lavin_route_0'].shape == (3, 2)
     # CLIP side: the code's x[:, 0] on (tokens, batch, dim) is the batch's first image at every position
     a = torch.randn(3, 7, 16)  # (images, tokens, dim), our layout
-    want = official_router(a.transpose(0, 1), tower_r, lnd=True).transpose(0, 1)
+    want = official_router(a.transpose(0, 1), tower_r).transpose(0, 1)
     assert rel_err(tower_r(a), want) < 1e-6
     # ... so image 1's output depends on image 0 and not on itself only
     alone = tower_r(a[1:2])
