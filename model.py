@@ -716,9 +716,16 @@ class VLM(nn.Module):
     `media` (a dict) reaches the modules the fusion placed in the decoder's seams through ctx.media, at
     every step of generation too (attention-level fusion: Flamingo, ADEM-VL, LaVIN, MMCA). A fusion that
     changes the attention itself swaps a block's Attention for a subclass overriding `attend`.
-    A batch without any image skips the fusion (feats=None), unless the fusion sets `runs_without_images =
-    True`: then it is called with feats=None, for learned parts that act on text-only samples (ADEM-VL).
-    One image per sample: pixels / feats are (B, ...) with has_image (B,) False for text-only rows."""
+    One image per sample: pixels / feats are (B, ...) with has_image (B,) False for text-only rows.
+    Optional fusion attributes:
+      - `fusion.image_features(vision, pixels)` replaces the tower call, for a fusion that reads the
+        tower its own way (LaVIN: the CLS token of several layers); the feature cache goes through it too.
+      - `fusion.prefix(has_image)` -> (B, P, d): embeddings put before every row, for every batch (with
+        or without images), ahead of the padding of a left-padded prompt (LaVIN's modality token). They
+        carry no label and no output: logits stay aligned with `ids`.
+      - `fusion.runs_without_images = True`: a batch without any image still calls the fusion, with
+        feats=None (ADEM-VL's learned key/value embeddings act on text-only samples); otherwise such a
+        batch skips it."""
 
     def __init__(self, vision: ViT, lm: Decoder, fusion: nn.Module, *, vision_layer=-1, vision_norm=False):
         super().__init__()
@@ -729,15 +736,20 @@ class VLM(nn.Module):
         """(B, 3, H, W) -> (B, N, Dv); without autograd when no tower parameter trains."""
         train_tower = any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(train_tower and torch.is_grad_enabled()):
+            if hasattr(self.fusion, 'image_features'):
+                return self.fusion.image_features(self.vision, pixels)
             return self.vision(pixels, layer=self.vision_layer, norm=self.vision_norm)
 
     def embed(self, ids, feats, has_image=None):
-        """Token embeddings with the visual tokens spliced in, and the fusion's media."""
+        """Token embeddings (B, P + T, d) with the visual tokens spliced in and the fusion's prefix (P tokens,
+        usually none) in front, and the fusion's media."""
         x = self.lm.embed_tokens(ids.clamp(min=0))  # (B, T, d); placeholders embed as id 0, then overwritten
+        if has_image is None:
+            has_image = torch.full(ids.shape[:1], feats is not None, dtype=torch.bool, device=ids.device)
+        if hasattr(self.fusion, 'prefix'):
+            x = torch.cat([self.fusion.prefix(has_image).to(x.dtype), x], dim=1)  # (B, P + T, d)
         if feats is None and not getattr(self.fusion, 'runs_without_images', False):
             return x, {}
-        if has_image is None or feats is None:
-            has_image = torch.full((ids.shape[0],), feats is not None, dtype=torch.bool, device=ids.device)
         tokens, media = self.fusion(feats, has_image=has_image, ids=ids)
         slots = ids == IMAGE_TOKEN  # (B, T)
         if tokens is not None:
@@ -746,6 +758,7 @@ class VLM(nn.Module):
                 raise ValueError(f"the batch has {int(slots.sum())} image placeholder positions but the fusion made "
                                  f"{tokens.shape[0]} x {tokens.shape[1]} visual tokens; the data must expand '<image>' "
                                  f"into fusion.n_tokens placeholders per image")
+            slots = F.pad(slots, (x.shape[1] - ids.shape[1], 0))  # (B, P + T): no slot in the prefix
             x = x.masked_scatter(slots[..., None], tokens.to(x.dtype))
         elif slots.any():
             raise ValueError(f"{type(self.fusion).__name__} adds no input tokens but the batch has image placeholders")
@@ -757,7 +770,7 @@ class VLM(nn.Module):
         if feats is None and pixels is not None:
             feats = self.image_features(pixels)
         x, media = self.embed(ids, feats, has_image)
-        h = self.lm(embeds=x, media=media)
+        h = self.lm(embeds=x, media=media)[:, x.shape[1] - ids.shape[1]:]  # drop the prefix's outputs: (B, T, d)
         if labels is None:
             return self.lm.logits(h)
         tgt = labels[:, 1:]
@@ -777,4 +790,8 @@ class VLM(nn.Module):
         if feats is None and pixels is not None:
             feats = self.image_features(pixels)
         x, media = self.embed(ids, feats, has_image)
+        P = x.shape[1] - ids.shape[1]
+        if P:  # the prefix goes before the left padding, and is never padding itself
+            ids = F.pad(ids, (P, 0))
+            pad_mask = None if pad_mask is None else F.pad(pad_mask.bool(), (P, 0), value=True)
         yield from self.lm.stream(ids, embeds=x, media=media, pad_mask=pad_mask, **kw)

@@ -61,6 +61,8 @@ adem_beta = 0.01             # scale of the projected visual prompts V
 adem_alpha = 0.1             # scale of the FFN-side cross-attention output
 adem_drop_ratio = 0.1        # fraction of each text token's lowest visual scores set to 0
 adem_adapter_dim = 12        # bottleneck of the adapters in every vision-tower block (0 = none)
+# LaVIN (fusion = 'lavin'; config/lavin_sqa.py)
+router_temperature = 10.0    # softmax temperature of the modality routers (10; 5 in LaVIN's 13B script)
 # data
 dataset = 'easyvqa'          # 'easyvqa' | 'scienceqa' | 'vqav2' | 'coco' | 'llava' (conversation JSON)
 data_root = ''               # dataset folder (or JSON file for 'llava'); easy-VQA comes from its package
@@ -83,6 +85,8 @@ no_image_slot = ''           # what opens a text-only sample's first user turn (
 answer_prefix = ''           # text after the generation prompt of evaluation prompts (ADEM-VL: 'The answer is')
 max_len = 512
 max_new_tokens = 10
+temperature = 0.0            # final evaluation: 0 = greedy, else sampling with nucleus top_p
+top_p = 1.0
 # optimization
 batch_size = 16              # per process and micro-step
 grad_accum = 1               # micro-steps per optimizer step
@@ -152,7 +156,8 @@ if init_from == 'resume':
         raise SystemExit(f"init_from='resume' but {ckpt_path} does not exist")
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     for k in ('init_vision', 'init_lm', 'fusion', 'vision_layer', 'vision_norm', 'vision_feature', 'lora_r',
-              'lora_alpha', 'lora_targets', 'trainable', 'mmca_attention'):  # the architecture comes from the checkpoint
+              'lora_alpha', 'lora_targets', 'trainable', 'mmca_attention', 'router_temperature', 'adem_scales',
+              'adem_hidden', 'adem_beta', 'adem_alpha', 'adem_drop_ratio', 'adem_adapter_dim'):  # the architecture
         config[k] = globals()[k] = ckpt['config'][k]
 elif init_from != 'scratch':
     raise SystemExit(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
@@ -246,8 +251,9 @@ if ddp and fsdp:
     fully_shard(model, mp_policy=mp)
 elif ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
-    # find_unused_parameters: a trainable parameter may get no gradient in a step (a projector in a batch
-    # without images; ADEM-VL's adapter in the last tower block, which a penultimate-layer tower never runs)
+    # find_unused_parameters: a trainable parameter may get no gradient in a step (a projector in a micro-batch
+    # without images, e.g. ScienceQA's text-only questions; ADEM-VL's adapter in the last tower block, which a
+    # penultimate-layer tower never runs): without it the gradient all-reduce goes out of step
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, find_unused_parameters=True)
 
 params = [p for p in raw_model.parameters() if p.requires_grad]
@@ -394,7 +400,7 @@ if final_eval or eval_only:
     samples = eval_samples[:eval_limit] if eval_limit else eval_samples
     result = evaluate.run(raw_model, samples, io, task=dataset, features=image_inputs, batch_size=batch_size * 4,
                           max_new_tokens=max_new_tokens, autocast=autocast, rank=rank, world=world, device=device,
-                          dtype=ptdtype)
+                          dtype=ptdtype, temperature=temperature, top_p=top_p)
     if master:
         evaluate.print_table(result)
         with open(os.path.join(out_dir, f'eval_{eval_split}.json'), 'w') as f:
