@@ -53,6 +53,12 @@ lora_alpha = 16
 lora_dropout = 0.0
 lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 trainable = ('fusion.',)     # parameter-name patterns that train; everything else is frozen
+qformer_init = ''            # fusion='qformer': '' = a new Q-Former; or a HF Blip2 checkpoint (hub id / folder) whose
+                             # queries, Q-Former and ln_vision are loaded (its sizes must equal the four below)
+qformer_dim = 768            # Q-Former width, layers, heads, queries (BLIP-2's: BERT-base, 32 queries)
+qformer_layers = 12
+qformer_heads = 12
+qformer_queries = 32
 # data
 dataset = 'easyvqa'          # 'easyvqa' | 'scienceqa' | 'vqav2' | 'coco' | 'llava' (conversation JSON)
 data_root = ''               # dataset folder (or JSON file for 'llava'); easy-VQA comes from its package
@@ -138,7 +144,8 @@ if init_from == 'resume':
         raise SystemExit(f"init_from='resume' but {ckpt_path} does not exist")
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     for k in ('init_vision', 'init_lm', 'fusion', 'vision_layer', 'vision_norm', 'vision_feature', 'lora_r',
-              'lora_alpha', 'lora_targets', 'trainable'):  # the architecture comes from the checkpoint
+              'lora_alpha', 'lora_targets', 'trainable', 'qformer_init', 'qformer_dim', 'qformer_layers',
+              'qformer_heads', 'qformer_queries'):  # the architecture comes from the checkpoint
         config[k] = globals()[k] = ckpt['config'][k]
 elif init_from != 'scratch':
     raise SystemExit(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
