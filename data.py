@@ -941,7 +941,8 @@ def _read_split(cfg, split, evaluation=False):
     if name == 'vqav2':
         return read_vqav2(*vqav2_files(root, split), image_root=images, prompt=cfg['question_prompt'])
     if name == 'coco':
-        return read_coco_karpathy(Path(root) / f'coco_karpathy_{split}.json', image_root=images)
+        return read_coco_karpathy(Path(root) / f'coco_karpathy_{split}.json', image_root=images,
+                                  per_caption=split == cfg['train_split'])  # train on every caption, score per image
     if name == 'llava':
         return read_llava_json(root, image_root=cfg['image_root'] or str(Path(root).parent))  # default: next to the JSON
     raise ValueError(f"unknown dataset {name!r}; one of easyvqa, scienceqa, vqav2, coco, llava")

@@ -54,6 +54,13 @@ lora_alpha = 16
 lora_dropout = 0.0
 lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 trainable = ('fusion.',)     # parameter-name patterns that train; everything else is frozen
+# BLIP-2 Q-Former (fusion = 'qformer'; config/blip2_coco.py, config/minigpt4_coco.py)
+qformer_init = ''            # '' = a new Q-Former; or a HF Blip2 checkpoint (hub id / folder) whose queries,
+                             # Q-Former and ln_vision are loaded (its sizes must equal the four below)
+qformer_dim = 768            # Q-Former width, layers, heads, queries (BLIP-2's: BERT-base, 32 queries)
+qformer_layers = 12
+qformer_heads = 12
+qformer_queries = 32
 # ADEM-VL (fusion = 'adem'; fusion.py, config/adem_sqa.py)
 adem_scales = (256, 64)      # visual prompt tokens per scale: the patch grid as is (16x16) + avg-pooled to 8x8
 adem_hidden = 128            # width of the low-rank projectors (official --hidden_proj)
@@ -157,7 +164,8 @@ if init_from == 'resume':
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     for k in ('init_vision', 'init_lm', 'fusion', 'vision_layer', 'vision_norm', 'vision_feature', 'lora_r',
               'lora_alpha', 'lora_targets', 'trainable', 'mmca_attention', 'router_temperature', 'adem_scales',
-              'adem_hidden', 'adem_beta', 'adem_alpha', 'adem_drop_ratio', 'adem_adapter_dim'):  # the architecture
+              'adem_hidden', 'adem_beta', 'adem_alpha', 'adem_drop_ratio', 'adem_adapter_dim', 'qformer_init',
+              'qformer_dim', 'qformer_layers', 'qformer_heads', 'qformer_queries'):  # the architecture
         config[k] = globals()[k] = ckpt['config'][k]
 elif init_from != 'scratch':
     raise SystemExit(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
