@@ -716,7 +716,10 @@ class VLM(nn.Module):
     `media` (a dict) reaches the modules the fusion placed in the decoder's seams through ctx.media, at
     every step of generation too (attention-level fusion: Flamingo, ADEM-VL, LaVIN, MMCA). A fusion that
     changes the attention itself swaps a block's Attention for a subclass overriding `attend`.
-    One image per sample: pixels / feats are (B, ...) with has_image (B,) False for text-only rows."""
+    One image per sample: pixels / feats are (B, ...) with has_image (B,) False for text-only rows. Several
+    images per sample: pixels (B, M, 3, H, W) / feats (B, M, N, Dv) with has_image (B, M), each row's images in
+    the order of its IMAGE_TOKEN runs, missing ones (has_image False) anywhere; the fusion sees them flattened
+    to (B*M, ...), image j of row b at b*M + j."""
 
     def __init__(self, vision: ViT, lm: Decoder, fusion: nn.Module, *, vision_layer=-1, vision_norm=False):
         super().__init__()
@@ -724,7 +727,10 @@ class VLM(nn.Module):
         self.vision_layer, self.vision_norm = vision_layer, vision_norm
 
     def image_features(self, pixels):
-        """(B, 3, H, W) -> (B, N, Dv); without autograd when no tower parameter trains."""
+        """(B, 3, H, W) -> (B, N, Dv), or (B, M, 3, H, W) -> (B, M, N, Dv); without autograd when no tower
+        parameter trains."""
+        if pixels.dim() == 5:  # several images per sample
+            return self.image_features(pixels.flatten(0, 1)).unflatten(0, pixels.shape[:2])
         train_tower = any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(train_tower and torch.is_grad_enabled()):
             return self.vision(pixels, layer=self.vision_layer, norm=self.vision_norm)
@@ -734,8 +740,11 @@ class VLM(nn.Module):
         x = self.lm.embed_tokens(ids.clamp(min=0))  # (B, T, d); placeholders embed as id 0, then overwritten
         if feats is None:
             return x, {}
+        if feats.dim() == 4:  # (B, M, N, Dv) -> (B*M, N, Dv): image j of row b at b*M + j
+            feats = feats.flatten(0, 1)
+            has_image = has_image.flatten() if has_image is not None else None
         if has_image is None:
-            has_image = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+            has_image = torch.ones(feats.shape[0], dtype=torch.bool, device=ids.device)
         tokens, media = self.fusion(feats, has_image=has_image, ids=ids)
         slots = ids == IMAGE_TOKEN  # (B, T)
         if tokens is not None:
