@@ -48,6 +48,7 @@ fusion = 'llava'
 vision_layer = -1            # HF hidden_states index of the tower's output (-2: LLaVA's penultimate layer)
 vision_norm = True           # apply the tower's final LayerNorm (DINOv2 last_hidden_state)
 vision_feature = 'patch'     # LLaVA's select_feature: 'patch' (no CLS) | 'cls_patch' | 'cls' (the CLS token alone)
+cross_attn_every_n_layers = 1  # Flamingo: a gated cross-attention block before every n-th LM layer (OpenFlamingo-9B: 4)
 lora_r = 0                   # 0 = no LoRA
 lora_alpha = 16
 lora_dropout = 0.0
@@ -55,7 +56,8 @@ lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 trainable = ('fusion.',)     # parameter-name patterns that train; everything else is frozen
 # data
 dataset = 'easyvqa'          # 'easyvqa' | 'scienceqa' | 'vqav2' | 'coco' | 'llava' (conversation JSON)
-data_root = ''               # dataset folder (or JSON file for 'llava'); easy-VQA comes from its package
+                             # | 'interleaved' (image-text sequences, OpenFlamingo's format: data.read_interleaved)
+data_root = ''               # dataset folder (or JSON file for 'llava', 'interleaved'); easy-VQA comes from its package
 image_root = ''              # image folder when it is not under data_root
 train_split = 'train'
 eval_split = 'test'
@@ -77,7 +79,8 @@ max_iters = 0                # > 0 overrides epochs
 learning_rate = 1e-3
 min_lr = 0.0
 warmup_ratio = 0.03          # linear warm-up over this fraction of the steps, then cosine to min_lr
-weight_decay = 0.0           # AdamW; never on 1-D parameters (norms, biases, gates)
+warmup_iters = 0             # > 0: warm-up over this many steps instead of warmup_ratio
+weight_decay = 0.0           # AdamW; never on 1-D parameters (norms, biases, gates) unless a fusion names what decays
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 1.0              # 0 = off
@@ -138,8 +141,9 @@ if init_from == 'resume':
         raise SystemExit(f"init_from='resume' but {ckpt_path} does not exist")
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     for k in ('init_vision', 'init_lm', 'fusion', 'vision_layer', 'vision_norm', 'vision_feature', 'lora_r',
-              'lora_alpha', 'lora_targets', 'trainable'):  # the architecture comes from the checkpoint
-        config[k] = globals()[k] = ckpt['config'][k]
+              'lora_alpha', 'lora_targets', 'trainable',
+              'cross_attn_every_n_layers'):  # the architecture comes from the checkpoint
+        config[k] = globals()[k] = ckpt['config'].get(k, globals()[k])
 elif init_from != 'scratch':
     raise SystemExit(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
 model = build_vlm(config, dtype=ptdtype, device=device)
@@ -193,7 +197,7 @@ def get_batch(ds, indices):
 per_step = batch_size * grad_accum * world
 steps_per_epoch = max(1, len(train_ds) // per_step)
 max_steps = max_iters if max_iters > 0 else max(1, int(epochs * steps_per_epoch))
-warmup_steps = int(warmup_ratio * max_steps)
+warmup_steps = warmup_iters if warmup_iters > 0 else int(warmup_ratio * max_steps)
 
 _perms = {}
 
@@ -234,9 +238,14 @@ elif ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
-params = [p for p in raw_model.parameters() if p.requires_grad]
-decay = [p for p in params if p.dim() >= 2]
-no_decay = [p for p in params if p.dim() < 2]
+named = [(n, p) for n, p in raw_model.named_parameters() if p.requires_grad]
+params = [p for _, p in named]
+# weight decay on every trainable matrix, or exactly on the parameters whose names contain one of the
+# fusion's `decay_patterns` (Flamingo: its gated cross-attention blocks, gates and norms too, as OpenFlamingo)
+patterns = getattr(raw_model.fusion, 'decay_patterns', None)
+decays = {n: any(s in n for s in patterns) if patterns is not None else p.dim() >= 2 for n, p in named}
+decay = [p for n, p in named if decays[n]]
+no_decay = [p for n, p in named if not decays[n]]
 optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
