@@ -4,14 +4,16 @@ Everything between files on disk and the tensors the model eats, in reading orde
 1. Tokenizer: a thin wrapper over a `tokenizers` tokenizer.json, with the special ids read from the
    checkpoint folder and no hidden BOS/EOS.
 2. Chat templates as plain functions (Vicuna v1, Llama-2, ChatML for SmolLM2 / Qwen2, Gemma, LLaVA's
-   `plain`), each returning (text, is_labelled) pieces so that label masking is exact.
+   `plain`, OpenFlamingo's `flamingo`), each returning (text, is_labelled) pieces so that label masking is exact.
 3. tokenize_conversation: the whole rendered text in one call, labels from character offsets, the
    "<image>" placeholder expanded, left truncation of the prompt.
 4. Images: load_image (any mode -> RGB, clear errors) and preprocess_image per vision tower.
-5. Dataset readers: easy-VQA, ScienceQA (json and parquet layouts), VQAv2, COCO Karpathy, LLaVA JSON.
-   Each returns a list of plain dict samples:
+5. Dataset readers: easy-VQA, ScienceQA (json and parquet layouts), VQAv2, COCO Karpathy, LLaVA JSON,
+   interleaved image-text JSON (OpenFlamingo's format). Each returns a list of plain dict samples:
        {'id': str, 'image': path | bytes | None, 'messages': [('user', '<image>\\nQ'), ('assistant', 'A')],
         'answers': [str, ...] (references for scoring), + task metadata (question, choices, ...)}
+   A sample with several images also has 'images': [path | bytes, ...], one per "<image>" in the order they
+   appear in the text ('image' is then the first); image_sources(sample) is what the image pipeline takes.
 6. ConversationDataset + collate (right padding) and left_pad (batched generation).
 
 Conventions shared with model.py / train.py / eval.py:
@@ -21,6 +23,8 @@ Conventions shared with model.py / train.py / eval.py:
   the "<image>" string in a user turn becomes `n_image_tokens` copies of it; the model overwrites the
   embeddings at those positions with the visual tokens. n_image_tokens=0 drops the placeholder (for
   fusion methods that give the image to the model some other way, e.g. cross-attention).
+- "<|endofchunk|>" (OpenFlamingo's end of an image's text) is encoded as the tokenizer's eos (see fusion.py,
+  Flamingo: the pretrained vocabulary is never resized).
 """
 
 import importlib.util
@@ -38,6 +42,7 @@ from PIL import Image
 IGNORE_INDEX = -100
 IMAGE_TOKEN = -200
 IMAGE_PLACEHOLDER = "<image>"
+ENDOFCHUNK = "<|endofchunk|>"  # OpenFlamingo's chunk end; tokenized as the eos token
 
 
 def _load_json(path):
@@ -140,8 +145,10 @@ class Tokenizer:
         if template is None and (folder / "chat_template.jinja").is_file():  # transformers >= 4.50 saves it here
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
         self.chat_template, self.model_type = template, model_cfg.get("model_type")
-        self.tk.add_special_tokens([AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False)])
+        self.tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t in (IMAGE_PLACEHOLDER, ENDOFCHUNK)])
         self.image_id = self.tk.token_to_id(IMAGE_PLACEHOLDER)
+        self.eoc_id = self.tk.token_to_id(ENDOFCHUNK)  # mapped to eos_id by tokenize_conversation
 
     def encode(self, text, bos=False):
         """Plain text -> ids. No BOS/EOS unless bos=True (never from the post-processor). For text with
@@ -185,6 +192,11 @@ class Tokenizer:
 #   no roles; LLaVA keeps only "<image>" of the user turn, so give readers prompt="" to match it.
 # - base: base (non-chat) LMs as ADEM-VL / LaVIN train LLaMA-1 (util/datasets.py ScienceQADataSet.tokenize):
 #   the user text and the answer concatenated as they are, then the tokenizer's EOS token (labelled).
+# - flamingo: OpenFlamingo's text (open_flamingo train/data.py): no roles, user text then answer +
+#   "<|endofchunk|>", labelled with it: "<image>caption<|endofchunk|>" (LAION), and for read_interleaved's
+#   turns exactly train_utils.py's MMC4 labels. The eos OpenFlamingo appends after the last chunk is left out
+#   ("<|endofchunk|>" is eos here). After a text prompt ("<image>\nQ") the answer starts with a labelled
+#   space, so that words do not merge across the boundary.
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -280,6 +292,20 @@ def base(messages, system=None, add_generation_prompt=False, eos="</s>"):
     return [(text, False) if role == "user" else (text + eos, True) for role, text in messages]
 
 
+def flamingo(messages, system=None, add_generation_prompt=False):
+    system, messages = _turns(messages, system)
+    if system is not None:
+        raise ValueError("the 'flamingo' template has no system prompt")
+    pieces = []
+    for role, text in messages:
+        if role == "user":
+            pieces.append((text, False))
+        else:  # a space (labelled, as vicuna_v1's) after a text prompt; none after "<image>", as OpenFlamingo
+            sep = "" if pieces[-1][0].endswith(IMAGE_PLACEHOLDER) or pieces[-1][0][-1:].isspace() else " "
+            pieces.append((sep + text + ENDOFCHUNK, True))
+    return pieces
+
+
 TEMPLATES = {
     "vicuna_v1": vicuna_v1,
     "llama2": llama2,
@@ -288,6 +314,7 @@ TEMPLATES = {
     "gemma": gemma,
     "plain": plain,
     "base": base,
+    "flamingo": flamingo,
 }
 
 
@@ -357,6 +384,7 @@ def tokenize_conversation(tok, pieces, n_image_tokens=0, max_len=2048, *, bos=No
         text += piece
     enc = tok.tk.encode(text, add_special_tokens=False)
     ids = np.asarray(enc.ids, dtype=np.int64)                                 # (T,)
+    ids = np.where(ids == tok.eoc_id, tok.eos_id, ids)                        # "<|endofchunk|>" is eos
     offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)         # (T, 2) characters [s, e)
     s, e = offsets[:, :1], offsets[:, 1:]                                     # (T, 1)
     a, b = np.asarray(spans, dtype=np.int64).reshape(-1, 2).T                 # (S,) labelled spans [a, b)
@@ -785,6 +813,46 @@ def read_llava_json(path, *, image_root=None):
                         "answers": [messages[-1][1]]})
     return samples
 
+
+def read_interleaved(path, *, image_root=None):
+    """Interleaved image-text sequences in OpenFlamingo's text format (open_flamingo train/data.py: MMC4 and
+    its ChatGPT-generated sequences): [{'id', 'images': [file, ...], 'text': "Intro.<image>A cat sits.
+    <|endofchunk|><image>A dog runs.<|endofchunk|>"}], one file per "<image>", in order (relative to
+    image_root). Spaces around "<image>" and before "<|endofchunk|>" are removed, as OpenFlamingo does.
+    The text becomes turns for the 'flamingo' template whose labels are OpenFlamingo's (train_utils.py):
+    nothing before the first "<image>" nor "<image>" itself; everything after an "<image>" up to and including
+    the next "<|endofchunk|>"; nothing between an "<|endofchunk|>" and the next "<image>". So each user turn is
+    [the text after the previous chunk] + "<image>" and each answer is a chunk without its "<|endofchunk|>"
+    (the template appends it). A chunk must end with "<|endofchunk|>" before the next "<image>"; the last one
+    may omit it (OpenFlamingo appends one); text after the last chunk carries no label and is dropped.
+    'answers' is the last chunk (as a few-shot prompt, the earlier chunks are the examples)."""
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of {{'images': [...], 'text': ...}} entries")
+    samples = []
+    for i, entry in enumerate(data):
+        where = f"{path}: entry {i} (id {entry.get('id') if isinstance(entry, dict) else None})"
+        files, text = _get(entry, "images", list, where), _get(entry, "text", str, where)
+        if not all(isinstance(f, str) for f in files):
+            raise ValueError(f"{where}: field 'images' should hold file names")
+        text = (text.replace(" " + ENDOFCHUNK, ENDOFCHUNK).replace(IMAGE_PLACEHOLDER + " ", IMAGE_PLACEHOLDER)
+                .replace(" " + IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER))
+        before, *chunks = text.split(IMAGE_PLACEHOLDER)
+        if not chunks or len(chunks) != len(files):
+            raise ValueError(f"{where}: {len(chunks)} '<image>' in the text but {len(files)} images (at least one)")
+        messages = []
+        for k, chunk in enumerate(chunks):
+            answer, eoc, after = chunk.partition(ENDOFCHUNK)
+            if not eoc and k < len(chunks) - 1:
+                raise ValueError(f"{where}: the text of image {k + 1} runs into the next '<image>' without "
+                                 f"'{ENDOFCHUNK}'")
+            messages += [("user", before + IMAGE_PLACEHOLDER), ("assistant", answer)]
+            before = after
+        images = [str(Path(image_root) / f) if image_root is not None else f for f in files]
+        samples.append({"id": str(entry.get("id", i)), "image": images[0], "images": images, "messages": messages,
+                        "answers": [messages[-1][1]]})
+    return samples
+
 # -----------------------------------------------------------------------------
 # 6. Dataset + collate
 #
@@ -798,7 +866,19 @@ def read_llava_json(path, *, image_root=None):
 #
 # collate right-pads input_ids with pad_id and labels with IGNORE_INDEX, and stacks pixels: text-only
 # samples in a batch with images get a zero image and has_image=False; a batch without any loaded image
-# has pixels=None.
+# has pixels=None. Samples with several images ('images'): item['image'] is the list of sources and item
+# ['pixels'] (M, 3, H, W); a batch with any of them gets pixels (B, M, 3, H, W) and has_image (B, M), M the
+# most images of a sample, the missing ones zero (model.VLM and eval.image_inputs take the same layout).
+
+
+def image_sources(sample):
+    """What the image pipeline (eval.image_inputs) takes for a sample: its one image source (None if it has
+    none), or the list of its sources when it has several ('images')."""
+    return list(sample["images"]) if sample.get("images") is not None else sample["image"]
+
+
+def _n_images(source):
+    return len(source) if isinstance(source, list) else int(source is not None)
 
 
 class ConversationDataset(torch.utils.data.Dataset):
@@ -810,13 +890,14 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.keep, self.lengths, self.skipped = [], [], Counter()
         for i, sample in enumerate(samples):
             n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in sample["messages"])
-            if n_placeholders != (sample["image"] is not None):
+            source = image_sources(sample)
+            if n_placeholders != _n_images(source):
                 raise ValueError(f"sample {sample['id']}: {n_placeholders} '<image>' placeholders "
-                                 f"but image={sample['image']!r:.80}")
+                                 f"but {'images' if isinstance(source, list) else 'image'}={source!r:.80}")
             if sample["messages"][-1][0] != "assistant":
                 raise ValueError(f"sample {sample['id']}: no answer to train on "
                                  "(the last message is not the assistant's)")
-            if sample["image"] is not None and image_cfg is None and load_images:
+            if _n_images(source) and image_cfg is None and load_images:
                 raise ValueError("samples have images: pass image_cfg=image_config(...)")
             try:
                 ids, _ = self.tokenize(sample)
@@ -839,16 +920,19 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         sample = self.samples[self.keep[index]]
         ids, labels = self.tokenize(sample)
-        pixels = None
-        if sample["image"] is not None and self.load_images:
-            pixels = preprocess_image(load_image(sample["image"]), self.image_cfg)
-        return {"id": sample["id"], "image": sample["image"], "pixels": pixels,
+        source, pixels = image_sources(sample), None
+        if isinstance(source, list) and source and self.load_images:
+            pixels = torch.stack([preprocess_image(load_image(x), self.image_cfg) for x in source])  # (M, 3, H, W)
+        elif source is not None and not isinstance(source, list) and self.load_images:
+            pixels = preprocess_image(load_image(source), self.image_cfg)
+        return {"id": sample["id"], "image": source, "pixels": pixels,
                 "input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
 def collate(batch, *, pad_id):
     """list of items -> {'input_ids', 'labels', 'attention_mask' (B, T), 'pixels' (B, 3, H, W) or None,
-    'has_image' (B,), 'images' (their sources), 'ids'}. Use functools.partial(collate, pad_id=tok.pad_id)."""
+    'has_image' (B,), 'images' (their sources), 'ids'}; with a several-image sample in the batch pixels
+    (B, M, 3, H, W) and has_image (B, M). Use functools.partial(collate, pad_id=tok.pad_id)."""
     B, T = len(batch), max(len(item["input_ids"]) for item in batch)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
@@ -856,6 +940,21 @@ def collate(batch, *, pad_id):
     for i, item in enumerate(batch):
         n = len(item["input_ids"])
         input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = item["input_ids"], item["labels"], True
+    if any(isinstance(item["image"], list) for item in batch):  # several images per sample
+        counts = [_n_images(item["image"]) for item in batch]
+        M = max(counts)
+        has_image = torch.arange(M)[None, :] < torch.tensor(counts)[:, None]  # (B, M)
+        pixels = None
+        if any(item["pixels"] is not None for item in batch):
+            shape = next(item["pixels"] for item in batch if item["pixels"] is not None).shape[-3:]
+            pixels = torch.zeros(B, M, *shape)  # (B, M, 3, H, W)
+            for i, item in enumerate(batch):
+                if item["pixels"] is not None:
+                    px = item["pixels"] if item["pixels"].dim() == 4 else item["pixels"][None]  # (M_i, 3, H, W)
+                    pixels[i, :len(px)] = px
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "pixels": pixels,
+                "has_image": has_image, "images": [item["image"] for item in batch],
+                "ids": [item["id"] for item in batch]}
     has_image = torch.tensor([item["image"] is not None for item in batch])
     pixels = None
     if any(item["pixels"] is not None for item in batch):
@@ -885,7 +984,7 @@ def group_by_image(samples):
     are then encoded once for all its questions). 'answers' becomes the list of every round's answers."""
     merged = {}
     for s in samples:
-        if s['image'] is None or len(s['messages']) != 2:
+        if s['image'] is None or s.get('images') is not None or len(s['messages']) != 2:
             raise ValueError(f"sample {s['id']}: group_by_image needs single-turn samples with an image")
         g = merged.setdefault(s['image'], {'id': s['id'], 'image': s['image'], 'messages': [], 'answers': []})
         (user, q), (_, a) = s['messages']
@@ -945,4 +1044,6 @@ def _read_split(cfg, split, evaluation=False):
                                   per_caption=split == cfg['train_split'])  # train on every caption, score per image
     if name == 'llava':
         return read_llava_json(root, image_root=cfg['image_root'] or str(Path(root).parent))  # default: next to the JSON
-    raise ValueError(f"unknown dataset {name!r}; one of easyvqa, scienceqa, vqav2, coco, llava")
+    if name == 'interleaved':
+        return read_interleaved(root, image_root=cfg['image_root'] or str(Path(root).parent))
+    raise ValueError(f"unknown dataset {name!r}; one of easyvqa, scienceqa, vqav2, coco, llava, interleaved")

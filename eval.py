@@ -677,9 +677,17 @@ def image_inputs(model, images, image_cfg, *, cache=None, device='cpu', dtype=to
                  always=False):
     """Image sources (path or bytes; None for a text-only sample) -> dict(pixels, feats, has_image) for
     VLM.forward / generate. With a `cache` dict the frozen tower runs once per distinct image, in chunks
-    of 64 in sorted order, so the same features come back however the batches are composed.
+    of 64 in sorted order, so the same features come back however the batches are composed. A list of
+    sources for a sample (data.image_sources) gives its images in order: pixels / feats (B, M, ...) and
+    has_image (B, M), M the most images of a sample in the batch.
     always=True: a batch without images gets blank pixels too, so that the tower runs for every batch
     (FSDP: every rank must run the same sharded blocks, whatever its share of the batch holds)."""
+    if any(isinstance(x, list) for x in images):  # several images per sample: as B*M single images
+        lists = [x if isinstance(x, list) else [] if x is None else [x] for x in images]
+        M = max(len(x) for x in lists)
+        flat = image_inputs(model, [x[j] if j < len(x) else None for x in lists for j in range(M)], image_cfg,
+                            cache=cache, device=device, dtype=dtype, autocast=autocast, always=always)
+        return {k: None if v is None else v.unflatten(0, (len(images), M)) for k, v in flat.items()}
     has_image = torch.tensor([x is not None for x in images], device=device)
     if not has_image.any():
         if not always:
@@ -767,7 +775,7 @@ def run(model, samples, io, *, task, features=None, batch_size=32, max_new_token
         with autocast:
             out = model.generate(ids.to(device), pad_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                  stop_ids=stop_ids, temperature=temperature, top_p=top_p,
-                                 **features([samples[i]['image'] for i in idx]))
+                                 **features([data.image_sources(samples[i]) for i in idx]))
         for i, row in zip(idx, out.tolist()):
             cut = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
             text = tok.decode(row[:cut])

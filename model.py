@@ -716,13 +716,16 @@ class VLM(nn.Module):
     `media` (a dict) reaches the modules the fusion placed in the decoder's seams through ctx.media, at
     every step of generation too (attention-level fusion: Flamingo, ADEM-VL, LaVIN, MMCA). A fusion that
     changes the attention itself swaps a block's Attention for a subclass overriding `attend`.
-    One image per sample: pixels / feats are (B, ...) with has_image (B,) False for text-only rows.
+    One image per sample: pixels / feats are (B, ...) with has_image (B,) False for text-only rows. Several
+    images per sample: pixels (B, M, 3, H, W) / feats (B, M, N, Dv) with has_image (B, M), each row's images in
+    the order of its IMAGE_TOKEN runs, missing ones (has_image False) anywhere; the fusion sees them flattened
+    to (B*M, ...), image j of row b at b*M + j.
     Optional fusion attributes:
       - `fusion.image_features(vision, pixels)` replaces the tower call, for a fusion that reads the
         tower its own way (LaVIN: the CLS token of several layers); the feature cache goes through it too.
       - `fusion.prefix(has_image)` -> (B, P, d): embeddings put before every row, for every batch (with
-        or without images), ahead of the padding of a left-padded prompt (LaVIN's modality token). They
-        carry no label and no output: logits stay aligned with `ids`.
+        or without images), ahead of the padding of a left-padded prompt (LaVIN's modality token); it gets
+        has_image per row. They carry no label and no output: logits stay aligned with `ids`.
       - `fusion.runs_without_images = True`: a batch without any image still calls the fusion, with
         feats=None (ADEM-VL's learned key/value embeddings act on text-only samples); otherwise such a
         batch skips it."""
@@ -733,7 +736,10 @@ class VLM(nn.Module):
         self.vision_layer, self.vision_norm = vision_layer, vision_norm
 
     def image_features(self, pixels):
-        """(B, 3, H, W) -> (B, N, Dv); without autograd when no tower parameter trains."""
+        """(B, 3, H, W) -> (B, N, Dv), or (B, M, 3, H, W) -> (B, M, N, Dv); without autograd when no tower
+        parameter trains."""
+        if pixels.dim() == 5:  # several images per sample
+            return self.image_features(pixels.flatten(0, 1)).unflatten(0, pixels.shape[:2])
         train_tower = any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(train_tower and torch.is_grad_enabled()):
             if hasattr(self.fusion, 'image_features'):
@@ -744,10 +750,15 @@ class VLM(nn.Module):
         """Token embeddings (B, P + T, d) with the visual tokens spliced in and the fusion's prefix (P tokens,
         usually none) in front, and the fusion's media."""
         x = self.lm.embed_tokens(ids.clamp(min=0))  # (B, T, d); placeholders embed as id 0, then overwritten
+        if feats is not None and feats.dim() == 4:  # (B, M, N, Dv) -> (B*M, N, Dv): image j of row b at b*M + j
+            feats = feats.flatten(0, 1)
+            has_image = has_image.flatten() if has_image is not None else None
         if has_image is None:
-            has_image = torch.full(ids.shape[:1], feats is not None, dtype=torch.bool, device=ids.device)
+            n = feats.shape[0] if feats is not None else ids.shape[0]
+            has_image = torch.full((n,), feats is not None, dtype=torch.bool, device=ids.device)
         if hasattr(self.fusion, 'prefix'):
-            x = torch.cat([self.fusion.prefix(has_image).to(x.dtype), x], dim=1)  # (B, P + T, d)
+            row_has_image = has_image.view(ids.shape[0], -1).any(1)  # (B,)
+            x = torch.cat([self.fusion.prefix(row_has_image).to(x.dtype), x], dim=1)  # (B, P + T, d)
         if feats is None and not getattr(self.fusion, 'runs_without_images', False):
             return x, {}
         tokens, media = self.fusion(feats, has_image=has_image, ids=ids)

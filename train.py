@@ -49,6 +49,7 @@ vision_layer = -1            # HF hidden_states index of the tower's output (-2:
 vision_norm = True           # apply the tower's final LayerNorm (DINOv2 last_hidden_state)
 vision_feature = 'patch'     # LLaVA's select_feature: 'patch' (no CLS) | 'cls_patch' | 'cls' (the CLS token alone)
 mmca_attention = True        # fusion='mmca': False keeps its projection but uses plain causal attention
+cross_attn_every_n_layers = 1  # Flamingo: a gated cross-attention block before every n-th LM layer (OpenFlamingo-9B: 4)
 lora_r = 0                   # 0 = no LoRA
 lora_alpha = 16
 lora_dropout = 0.0
@@ -72,7 +73,8 @@ adem_adapter_dim = 12        # bottleneck of the adapters in every vision-tower 
 router_temperature = 10.0    # softmax temperature of the modality routers (10; 5 in LaVIN's 13B script)
 # data
 dataset = 'easyvqa'          # 'easyvqa' | 'scienceqa' | 'vqav2' | 'coco' | 'llava' (conversation JSON)
-data_root = ''               # dataset folder (or JSON file for 'llava'); easy-VQA comes from its package
+                             # | 'interleaved' (image-text sequences, OpenFlamingo's format: data.read_interleaved)
+data_root = ''               # dataset folder (or JSON file for 'llava', 'interleaved'); easy-VQA comes from its package
 image_root = ''              # image folder when it is not under data_root
 train_split = 'train'
 eval_split = 'test'
@@ -102,7 +104,8 @@ max_iters = 0                # > 0 overrides epochs
 learning_rate = 1e-3
 min_lr = 0.0
 warmup_ratio = 0.03          # linear warm-up over this fraction of the steps, then cosine to min_lr
-weight_decay = 0.0           # AdamW; never on 1-D parameters (norms, biases, gates)
+warmup_iters = 0             # > 0: warm-up over this many steps instead of warmup_ratio
+weight_decay = 0.0           # AdamW; never on 1-D parameters (norms, biases, gates) unless a fusion names what decays
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 1.0              # 0 = off
@@ -165,8 +168,9 @@ if init_from == 'resume':
     for k in ('init_vision', 'init_lm', 'fusion', 'vision_layer', 'vision_norm', 'vision_feature', 'lora_r',
               'lora_alpha', 'lora_targets', 'trainable', 'mmca_attention', 'router_temperature', 'adem_scales',
               'adem_hidden', 'adem_beta', 'adem_alpha', 'adem_drop_ratio', 'adem_adapter_dim', 'qformer_init',
-              'qformer_dim', 'qformer_layers', 'qformer_heads', 'qformer_queries'):  # the architecture
-        config[k] = globals()[k] = ckpt['config'][k]
+              'qformer_dim', 'qformer_layers', 'qformer_heads', 'qformer_queries',
+              'cross_attn_every_n_layers'):  # the architecture comes from the checkpoint
+        config[k] = globals()[k] = ckpt['config'].get(k, globals()[k])
 elif init_from != 'scratch':
     raise SystemExit(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
 model = build_vlm(config, dtype=ptdtype, device=device)
@@ -220,7 +224,7 @@ def get_batch(ds, indices):
 per_step = batch_size * grad_accum * world
 steps_per_epoch = max(1, len(train_ds) // per_step)
 max_steps = max_iters if max_iters > 0 else max(1, int(epochs * steps_per_epoch))
-warmup_steps = int(warmup_ratio * max_steps)
+warmup_steps = warmup_iters if warmup_iters > 0 else int(warmup_ratio * max_steps)
 
 _perms = {}
 
@@ -264,9 +268,14 @@ elif ddp:
     # penultimate-layer tower never runs): without it the gradient all-reduce goes out of step
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, find_unused_parameters=True)
 
-params = [p for p in raw_model.parameters() if p.requires_grad]
-decay = [p for p in params if p.dim() >= 2]
-no_decay = [p for p in params if p.dim() < 2]
+named = [(n, p) for n, p in raw_model.named_parameters() if p.requires_grad]
+params = [p for _, p in named]
+# weight decay on every trainable matrix, or exactly on the parameters whose names contain one of the
+# fusion's `decay_patterns` (Flamingo: its gated cross-attention blocks, gates and norms too, as OpenFlamingo)
+patterns = getattr(raw_model.fusion, 'decay_patterns', None)
+decays = {n: any(s in n for s in patterns) if patterns is not None else p.dim() >= 2 for n, p in named}
+decay = [p for n, p in named if decays[n]]
+no_decay = [p for n, p in named if not decays[n]]
 optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')

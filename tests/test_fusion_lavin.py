@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import data
 import eval as evaluate
