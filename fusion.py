@@ -963,6 +963,12 @@ def attach_lavin(vision, lm, *, t=10.0, hidden=8, scale=1.0):
 # Building a VLM from a config dict (train.py, eval.py and sample.py all go through here)
 
 FUSIONS = ('llava', 'qformer', 'flamingo', 'mmca', 'adem', 'lavin')
+# the config keys build_vlm reads: they define the model, so a resumed run takes them from its checkpoint
+ARCH_KEYS = ('init_vision', 'init_lm', 'fusion', 'vision_layer', 'vision_norm', 'vision_feature', 'lora_r',
+             'lora_alpha', 'lora_dropout', 'lora_targets', 'trainable', 'qformer_init', 'qformer_dim',
+             'qformer_layers', 'qformer_heads', 'qformer_queries', 'cross_attn_every_n_layers', 'mmca_attention',
+             'adem_scales', 'adem_hidden', 'adem_beta', 'adem_alpha', 'adem_drop_ratio', 'adem_adapter_dim',
+             'router_temperature')
 
 
 def build_vlm(cfg, dtype=torch.float32, device='cpu'):

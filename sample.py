@@ -34,7 +34,10 @@ torch.manual_seed(seed)
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 if ckpt:
     import eval as evaluate
-    vlm, tok, chat_template, image_cfg, n_image_tokens = evaluate.load_vlm(ckpt, device=device, dtype=ptdtype)
+    vlm, io, cfg = evaluate.load_vlm(ckpt, device=device, dtype=ptdtype)
+    tok, chat_template, image_cfg, n_image_tokens = io['tok'], io['template'], io['image_cfg'], io['n_image_tokens']
+    image_slot = cfg.get('image_slot', data.IMAGE_PLACEHOLDER + '\n')  # how the checkpoint's prompts open
+    system_used = system or io['system']  # the checkpoint's system prompt unless --system is given
     lm = vlm.lm
 else:
     vlm, image_cfg, n_image_tokens = None, None, 0
@@ -42,18 +45,20 @@ else:
     lm = Decoder.from_pretrained(folder, dtype=ptdtype, device=device)
     tok = data.Tokenizer(folder)
     chat_template = data.pick_template(tok, template or None)
+    system_used = system or None
 if image and not ckpt:
     raise SystemExit("--image needs --ckpt (a trained VLM checkpoint)")
+stop_ids = tok.stop_ids + (tok.encode('\n')[-1:] if chat_template == 'plain' else [])  # 'plain' answers end in \n
 
 
 def stream(ids, pixels=None):
     """Generate from prompt ids, printing text as it forms; returns the answer text."""
     x = torch.tensor([ids], device=device)
-    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=tok.stop_ids)
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids)
     steps = vlm.stream(x, pixels=pixels, **kw) if vlm is not None else lm.stream(x, **kw)
     out, shown = [], ''
     for t in steps:
-        if int(t) in tok.stop_ids:
+        if int(t) in stop_ids:
             break
         out.append(int(t))
         text = tok.decode(out)
@@ -79,10 +84,10 @@ messages = []
 while True:
     text = prompt if prompt else input('\n>>> ')
     if not messages and image:
-        text = data.IMAGE_PLACEHOLDER + '\n' + text
+        text = image_slot + text
     messages.append(('user', text))
     ids = data.encode_prompt(tok, chat_template, messages, n_image_tokens=n_image_tokens, max_len=lm.cfg.max_seq_len,
-                             system=system or None)
+                             system=system_used)
     messages.append(('assistant', stream(ids, pixels)))
     if prompt:
         break

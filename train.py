@@ -23,7 +23,7 @@ from tqdm import tqdm
 import data
 import eval as evaluate
 import peft
-from fusion import build_vlm
+from fusion import ARCH_KEYS, build_vlm
 from model import atomic_save
 
 # -----------------------------------------------------------------------------
@@ -165,11 +165,7 @@ if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         raise SystemExit(f"init_from='resume' but {ckpt_path} does not exist")
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    for k in ('init_vision', 'init_lm', 'fusion', 'vision_layer', 'vision_norm', 'vision_feature', 'lora_r',
-              'lora_alpha', 'lora_targets', 'trainable', 'mmca_attention', 'router_temperature', 'adem_scales',
-              'adem_hidden', 'adem_beta', 'adem_alpha', 'adem_drop_ratio', 'adem_adapter_dim', 'qformer_init',
-              'qformer_dim', 'qformer_layers', 'qformer_heads', 'qformer_queries',
-              'cross_attn_every_n_layers'):  # the architecture comes from the checkpoint
+    for k in ARCH_KEYS:  # the architecture comes from the checkpoint
         config[k] = globals()[k] = ckpt['config'].get(k, globals()[k])
 elif init_from != 'scratch':
     raise SystemExit(f"init_from must be 'scratch' or 'resume', not {init_from!r}")

@@ -132,3 +132,31 @@ def test_llava_sqa_config_takes_two_steps(tiny, sqa_root, tmp_path, monkeypatch)
     assert len(losses(tmp_path)) == 2 and all(l == l for l in losses(tmp_path))
     result = json.load(open(tmp_path / 'eval_test.json'))
     assert result['task'] == 'scienceqa' and result['n'] == 2
+
+
+class OnlyArchKeys(dict):
+    """A config that fails on any key outside fusion.ARCH_KEYS (the keys a resumed run restores)."""
+
+    def __getitem__(self, k):
+        from fusion import ARCH_KEYS
+        assert k in ARCH_KEYS, f"build_vlm reads {k!r}, which is not in fusion.ARCH_KEYS"
+        return super().__getitem__(k)
+
+    def get(self, k, default=None):
+        return self[k] if k in self else default
+
+
+@pytest.mark.parametrize('fusion', ['llava', 'qformer', 'flamingo', 'mmca', 'adem', 'lavin'])
+def test_build_vlm_reads_only_arch_keys(tiny, fusion):
+    """Every fusion builds from ARCH_KEYS alone, so resuming restores the whole architecture."""
+    from fusion import ARCH_KEYS, FUSIONS, build_vlm
+    assert fusion in FUSIONS
+    cfg = OnlyArchKeys(
+        init_vision=tiny['clip'], init_lm=tiny['lm'], fusion=fusion, vision_layer=-1, vision_norm=False,
+        vision_feature='patch', lora_r=2, lora_alpha=4, lora_dropout=0.0, lora_targets=('q', 'v'),
+        trainable=('fusion.', '.pre.', 'lora_'), qformer_init='', qformer_dim=32, qformer_layers=2, qformer_heads=4,
+        qformer_queries=4, cross_attn_every_n_layers=1, mmca_attention=True, adem_scales=(16, 4), adem_hidden=8,
+        adem_beta=0.01, adem_alpha=0.1, adem_drop_ratio=0.1, adem_adapter_dim=4, router_temperature=10.0)
+    assert set(cfg) == set(ARCH_KEYS)
+    model = build_vlm(cfg)
+    assert any(p.requires_grad for p in model.fusion.parameters())
