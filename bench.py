@@ -2,7 +2,7 @@
 Benchmarks: speed/memory side by side with the reference stack, in one run, quoted as ratios; no assertions.
 
 python bench.py                    # every benchmark
-python bench.py caption_metrics    # just the named ones
+python bench.py caption_metrics    # just the named ones (caption_metrics, decode, methods)
 """
 
 import random
@@ -132,10 +132,62 @@ def bench_decode(model='checkpoints/SmolLM2-135M-Instruct', new_tokens=64, repea
 
 
 # -----------------------------------------------------------------------------
+# fusion methods: each trained and scored on the offline easy-VQA job with the same budget
+
+METHODS = (  # (name, the config layered over config/easyvqa_cpu.py; '' = the base job itself)
+    ('LLaVA-1.5 projector + LoRA', ''),
+    ('BLIP-2 Q-Former', 'config/blip2_easyvqa_cpu.py'),
+    ('Flamingo', 'config/flamingo_easyvqa_cpu.py'),
+    ('DS-VisualChat MMCA + LoRA', 'config/mmca_easyvqa_cpu.py'),
+    ('ADEM-VL', 'config/adem_easyvqa_cpu.py'),
+    ('LaVIN', 'config/lavin_easyvqa_cpu.py'),
+)
+
+
+def bench_methods(max_iters=100, eval_limit=500, out='out/bench_methods'):
+    """One train.py run per method in a child process (same data order, batch, steps and learning-rate
+    schedule unless the method's config says otherwise): trainable parameters, seconds per training step
+    (training only: wall time of the last logged step / steps), the child's peak resident memory (its whole
+    life, evaluation included), and exact-match accuracy on the first `eval_limit` easy-VQA test questions."""
+    import json
+    import os
+    import re
+    import subprocess
+    rows = []
+    for name, cfg in METHODS:
+        out_dir = os.path.join(out, re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_'))
+        cmd = [sys.executable, 'train.py', 'config/easyvqa_cpu.py'] + ([cfg] if cfg else []) + [
+            f'--out_dir={out_dir}', f'--max_iters={max_iters}', f'--eval_interval={max_iters}',
+            f'--eval_limit={eval_limit}', '--always_save_checkpoint=False']
+        print('$', ' '.join(cmd[1:]), flush=True)
+        if os.path.exists(os.path.join(out_dir, 'log.jsonl')):
+            os.remove(os.path.join(out_dir, 'log.jsonl'))
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        text = child.stdout.read()
+        _, status, usage = os.wait4(child.pid, 0)
+        if status != 0:
+            print(text[-3000:])
+            rows.append((name, 'failed', '', '', ''))
+            continue
+        trainable = re.search(r'([0-9.]+)M trainable', text).group(1)
+        steps = [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl')) if '"loss"' in line]
+        result = json.load(open(os.path.join(out_dir, 'eval_test.json')))
+        rows.append((name, f'{float(trainable):.3f}M', f"{steps[-1]['time'] / steps[-1]['step']:.2f}",
+                     f'{usage.ru_maxrss / 2**20:.2f}', f"{result['metrics']['accuracy']:.1f}"))
+    print(f'\neasy-VQA, DINOv2-S/14 @ 56 px + SmolLM2-135M-Instruct, batch 8, {max_iters} steps, '
+          f'accuracy on the first {eval_limit} test questions')
+    print('| method | trainable | s / step | peak RSS GiB | easy-VQA acc. % |')
+    print('|---|---|---|---|---|')
+    for r in rows:
+        print('| ' + ' | '.join(r) + ' |')
+
+
+# -----------------------------------------------------------------------------
 
 BENCHMARKS = {
     'caption_metrics': bench_caption_metrics,
     'decode': bench_decode,
+    'methods': bench_methods,
 }
 
 if __name__ == '__main__':

@@ -3,7 +3,7 @@ Train a vision-language model: a vision tower, a fusion method (fusion.py) and a
 PEFT (peft.py), on one CPU or GPU, or many under torchrun (DDP or FSDP2). nanoGPT's shape: the
 defaults below are globals, overridden by a config file and --key=value (configurator.py), then one loop.
 
-  python train.py                                   # offline default: easy-VQA, DINOv2-S + SmolLM2-135M, CPU
+  python train.py config/easyvqa_cpu.py             # offline default: easy-VQA, DINOv2-S + SmolLM2-135M, CPU
   python train.py config/llava_sqa.py --batch_size=4
   torchrun --standalone --nproc_per_node=8 train.py config/adem_sqa.py
   python train.py config/easyvqa_cpu.py --init_from=resume
@@ -27,7 +27,8 @@ from fusion import ARCH_KEYS, build_vlm
 from model import atomic_save
 
 # -----------------------------------------------------------------------------
-# config; the defaults are the offline easy-VQA job (config/easyvqa_cpu.py repeats them with comments)
+# config: LLaVA-1.5-style defaults with the offline weights; config/*.py hold whole recipes (the offline
+# default job is config/easyvqa_cpu.py, each method's variant of it config/<method>_easyvqa_cpu.py)
 # I/O
 out_dir = 'out/easyvqa'
 init_from = 'scratch'        # 'scratch': public weights + new fusion / PEFT; 'resume': continue out_dir/ckpt.pt
