@@ -997,7 +997,9 @@ def group_by_image(samples):
 def restyle_image_slot(samples, image_slot="<image>\n", no_image_slot=""):
     """How the first user turn opens. Readers write "<image>\\n" + text (or "<image>" alone) for a sample with
     an image and the bare text for one without; `image_slot` replaces that leading "<image>\\n" (it must hold
-    "<image>" once: where the visual tokens go) and `no_image_slot` is put before a text-only sample's text.
+    "<image>" once: where the visual tokens go; the text follows it, or takes the place of "{text}" where the
+    slot has one, e.g. "{text}Image: <image>\n" puts the image after the question) and `no_image_slot` is put
+    before a text-only sample's text.
     ADEM-VL / LaVIN: "Image: <image>" and "Image: N/A " ([BOS] "Image: " [visual tokens] prompt, or [BOS]
     "Image: N/A" prompt, adem/model.py insert_image_embeds; the trailing space is the word boundary that
     their separate SentencePiece calls put before the prompt)."""
@@ -1012,7 +1014,8 @@ def restyle_image_slot(samples, image_slot="<image>\n", no_image_slot=""):
             if not text.startswith(IMAGE_PLACEHOLDER):
                 raise ValueError(f"sample {s['id']}: expected the first user turn to start with '{IMAGE_PLACEHOLDER}'")
             text = text[len(IMAGE_PLACEHOLDER):]
-            text = image_slot + (text[1:] if text.startswith("\n") else text)
+            text = text[1:] if text.startswith("\n") else text
+            text = image_slot.replace("{text}", text) if "{text}" in image_slot else image_slot + text
         else:
             text = no_image_slot + text
         out.append({**s, "messages": [(role, text), *rest]})

@@ -234,6 +234,8 @@ def test_restyle_image_slot():
     out = data.restyle_image_slot(samples, 'Image: <image>', 'Image: N/A ')
     assert [s['messages'][0][1] for s in out] == ['Image: <image>Q?', 'Image: N/A Q?', 'Image: <image>']
     assert samples[0]['messages'][0][1] == '<image>\nQ?'  # the input is not modified
+    after = data.restyle_image_slot(samples, '{text}\nImage: <image>\n')  # the image after the question
+    assert [s['messages'][0][1] for s in after] == ['Q?\nImage: <image>\n', 'Q?', '\nImage: <image>\n']
     with pytest.raises(ValueError, match='exactly once'):
         data.restyle_image_slot(samples, 'Image: ', '')
 
