@@ -418,6 +418,12 @@ def tokenize_conversation(tok, pieces, n_image_tokens=0, max_len=2048, *, bos=No
     return ids.tolist(), labels.tolist()
 
 
+def stop_ids(tok, template):
+    """Token ids that end a generated answer: the tokenizer's stop tokens, and for the 'plain' template
+    (LLaVA stage 1: answers end with "\n", which is no special token) the newline as well."""
+    return tok.stop_ids + (tok.encode("\n")[-1:] if template == "plain" else [])
+
+
 def encode_prompt(tok, template, messages, n_image_tokens=0, max_len=2048, *, system=None, answer_prefix=""):
     """Inference: the prompt ids for `messages` (ending with a user turn) plus the generation prompt, then
     `answer_prefix`, text the model continues (ADEM-VL's ScienceQA evaluation: "The answer is")."""

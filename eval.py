@@ -760,8 +760,7 @@ def run(model, samples, io, *, task, features=None, batch_size=32, max_new_token
                                      model.lm.cfg.max_seq_len - max_new_tokens, system=io['system'],
                                      answer_prefix=io.get('answer_prefix', '')) for i in mine}
     mine.sort(key=lambda i: len(prompts[i]))
-    # 'plain' answers end with a newline (LLaVA stage 1), which is no special token: stop on it too
-    stop_ids = tok.stop_ids + (tok.encode('\n')[-1:] if io['template'] == 'plain' else [])
+    stop_ids = data.stop_ids(tok, io['template'])
     texts = {}
     was_training = model.training
     model.eval()

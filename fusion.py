@@ -641,7 +641,8 @@ def use_mmca(lm):
 
 class LowRankProjector(nn.Module):
     """Linear(in -> hidden) -> SiLU -> Linear(hidden -> out), xavier-uniform weights, zero biases
-    (ADEM-VL's `Projector`, hidden_proj 128: the paper's low-rank projection)."""
+    (ADEM-VL's `Projector`, hidden_proj 128: the paper's low-rank projection; LaVIN's visual projector
+    AdapterMLP in lavin/model.py is the same module)."""
 
     def __init__(self, in_dim, hidden, out_dim):
         super().__init__()
@@ -897,24 +898,8 @@ class LaVINAttention(Attention):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
-class AdapterMLP(nn.Module):
-    """LaVIN's visual projector (lavin/model.py): Linear(Dv -> 128) -> SiLU -> Linear(128 -> d), xavier
-    weights, zero biases."""
-
-    def __init__(self, in_dim, hidden, out_dim):
-        super().__init__()
-        self.fc1 = nn.Linear(in_dim, hidden)
-        self.fc2 = nn.Linear(hidden, out_dim)
-        for fc in (self.fc1, self.fc2):
-            nn.init.xavier_uniform_(fc.weight)
-            nn.init.zeros_(fc.bias)
-
-    def forward(self, x):
-        return self.fc2(F.silu(self.fc1(x)))
-
-
 class LaVIN(nn.Module):
-    """The input side of LaVIN: CLS tokens of several tower blocks through AdapterMLP (spliced at the image
+    """The input side of LaVIN: CLS tokens of several tower blocks through LowRankProjector (LaVIN's AdapterMLP; spliced at the image
     placeholders), and the modality token (put before every row through `prefix`). `attach_lavin` builds it
     and puts the routers into the tower and the LM."""
 
@@ -924,7 +909,7 @@ class LaVIN(nn.Module):
             raise ValueError(f"LaVIN reads the CLS token, which a {vision_cfg.kind} tower does not have")
         every = max(1, vision_cfg.n_layers // n_visual)
         self.layers = list(range(every, every * min(n_visual, vision_cfg.n_layers) + 1, every))  # ViT-L: 4, 8, .., 24
-        self.proj = AdapterMLP(vision_cfg.dim, hidden_proj, lm_dim)  # LaVIN's adapter_proj
+        self.proj = LowRankProjector(vision_cfg.dim, hidden_proj, lm_dim)  # LaVIN's adapter_proj (AdapterMLP)
         self.modality = nn.Embedding(2, lm_dim)  # LaVIN's adapter_modality_embedding (default N(0, 1) init)
 
     def n_tokens(self, n_vis):

@@ -48,7 +48,7 @@ else:
     system_used = system or None
 if image and not ckpt:
     raise SystemExit("--image needs --ckpt (a trained VLM checkpoint)")
-stop_ids = tok.stop_ids + (tok.encode('\n')[-1:] if chat_template == 'plain' else [])  # 'plain' answers end in \n
+stop_ids = data.stop_ids(tok, chat_template)
 
 
 def stream(ids, pixels=None):

@@ -14,7 +14,7 @@ import eval as evaluate
 import model as model_py
 import peft
 from conftest import ROOT, rel_err, shape_image
-from fusion import (AdapterMLP, GroupedLinear, LaVIN, LaVINAttention, LaVINRouter, LaVINTowerRouter, attach_lavin,
+from fusion import (LowRankProjector, GroupedLinear, LaVIN, LaVINAttention, LaVINRouter, LaVINTowerRouter, attach_lavin,
                     build_vlm)
 from model import Ctx, Decoder, LMConfig, ViT, ViTConfig, VLM
 
@@ -137,7 +137,7 @@ def test_router_init():
     assert r.t == 10.0 and r.scale == 1.0 and r.drop.p == 0.1
     x = torch.randn(2, 5, 64)
     assert torch.equal(r.train()(x, Ctx(cos=None, sin=None)), x)  # the identity, even with dropout on
-    p = AdapterMLP(32, 128, 64)
+    p = LowRankProjector(32, 128, 64)
     assert p.fc1.bias.eq(0).all() and p.fc2.bias.eq(0).all() and p.fc1.weight.std() > 0
 
 # -----------------------------------------------------------------------------
