@@ -33,7 +33,7 @@ def synthetic_captions(n_images, refs_per_image=5, vocab_size=2000, seed=0):
 def bench_caption_metrics(n_images=5000, seed=0, repeats=3):
     """Seconds (best of `repeats`, ours and theirs interleaved) and peak Python memory of BLEU-1..4, CIDEr-D
     and ROUGE-L on the same pre-tokenized captions (one candidate and 5 references per image)."""
-    import eval as E
+    import metrics as E
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge

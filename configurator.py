@@ -4,7 +4,7 @@ Poor man's configurator, after nanoGPT. A script defines its defaults as globals
 and each command-line argument is either a config file (python that assigns some of those globals)
 or --key=value. Values are parsed with ast.literal_eval (falling back to a plain string) and must
 have the type of the default (an int is accepted where a float is expected). An unknown key is an
-error that lists the nearest known keys. Example:
+error that lists the nearest known keys (or the new name, for a key in the script's `_renamed`). Example:
     python train.py config/llava_sqa.py --batch_size=4 --lora_targets="('q','v')"
 """
 import sys as _sys
@@ -14,6 +14,8 @@ from difflib import get_close_matches as _close
 
 def _set_config(_key, _val, _where):
     _known = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
+    if _key not in _known and _key in globals().get('_renamed', {}):  # a key the script renamed
+        raise SystemExit(f"{_where}: config key {_key!r} is now {globals()['_renamed'][_key]!r}")
     if _key not in _known:
         _near = _close(_key, _known, n=3, cutoff=0.6)
         raise SystemExit(f"{_where}: unknown config key {_key!r}" + (f"; did you mean {' or '.join(_near)}?" if _near else ''))

@@ -15,6 +15,9 @@ Everything between files on disk and the tensors the model eats, in reading orde
    A sample with several images also has 'images': [path | bytes, ...], one per "<image>" in the order they
    appear in the text ('image' is then the first); image_sources(sample) is what the image pipeline takes.
 6. ConversationDataset + collate (right padding) and left_pad (batched generation).
+7. A model's inputs: prepare(cfg, model) (tokenizer, template, image preprocessing, visual-token count) and
+   image_inputs (image sources -> pixels, or the frozen tower's cached features), used by train.py, eval.py
+   and sample.py alike.
 
 Conventions shared with model.py / train.py / eval.py:
 - IGNORE_INDEX (-100) marks positions without a loss. `labels` are aligned with `input_ids` (HF
@@ -32,6 +35,7 @@ import io
 import json
 import warnings
 from collections import Counter
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -39,8 +43,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-IGNORE_INDEX = -100
-IMAGE_TOKEN = -200
+from model import IGNORE_INDEX, IMAGE_TOKEN, resolve
+
 IMAGE_PLACEHOLDER = "<image>"
 ENDOFCHUNK = "<|endofchunk|>"  # OpenFlamingo's chunk end; tokenized as the eos token
 
@@ -864,21 +868,17 @@ def read_interleaved(path, *, image_root=None):
 #
 # ConversationDataset tokenizes every sample once up front (text only, cheap) to drop the ones that cannot
 # be trained on: labels that do not line up with tokens ('mismatch') and answers that do not fit max_len
-# ('too_long'). The counts are in .skipped (and printed as a warning); .lengths holds the token counts
-# (for length-grouped sampling). Every index then yields a valid item, so batches are never empty and
-# DDP ranks stay in step. Images are loaded in __getitem__ (a bad file raises, naming it); with
-# load_images=False items carry only the image's source (item['image']), e.g. to cache a frozen tower's
-# features per image.
+# ('too_long'). The counts are in .skipped (and printed as a warning); .lengths holds the token counts.
+# Every index then yields a valid item, so batches are never empty and DDP ranks stay in step. Items carry
+# the image's source (item['image']: a path, bytes, a list of them, or None); image_inputs (section 7) turns
+# a batch's sources into pixels or cached features.
 #
-# collate right-pads input_ids with pad_id and labels with IGNORE_INDEX, and stacks pixels: text-only
-# samples in a batch with images get a zero image and has_image=False; a batch without any loaded image
-# has pixels=None. Samples with several images ('images'): item['image'] is the list of sources and item
-# ['pixels'] (M, 3, H, W); a batch with any of them gets pixels (B, M, 3, H, W) and has_image (B, M), M the
-# most images of a sample, the missing ones zero (model.VLM and eval.image_inputs take the same layout).
+# collate right-pads input_ids with pad_id and labels with IGNORE_INDEX; has_image is (B,), or (B, M) when a
+# sample has several images ('images'), M the most images of a sample in the batch.
 
 
 def image_sources(sample):
-    """What the image pipeline (eval.image_inputs) takes for a sample: its one image source (None if it has
+    """What the image pipeline (image_inputs) takes for a sample: its one image source (None if it has
     none), or the list of its sources when it has several ('images')."""
     return list(sample["images"]) if sample.get("images") is not None else sample["image"]
 
@@ -888,11 +888,9 @@ def _n_images(source):
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    def __init__(self, samples, tok, *, template, image_cfg=None, n_image_tokens=0, max_len=2048, system=None,
-                 load_images=True):
+    def __init__(self, samples, tok, *, template, n_image_tokens=0, max_len=2048, system=None):
         self.samples, self.tok, self.template, self.system = samples, tok, template, system
-        self.image_cfg, self.n_image_tokens, self.max_len = image_cfg, n_image_tokens, max_len
-        self.load_images = load_images
+        self.n_image_tokens, self.max_len = n_image_tokens, max_len
         self.keep, self.lengths, self.skipped = [], [], Counter()
         for i, sample in enumerate(samples):
             n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in sample["messages"])
@@ -903,8 +901,6 @@ class ConversationDataset(torch.utils.data.Dataset):
             if sample["messages"][-1][0] != "assistant":
                 raise ValueError(f"sample {sample['id']}: no answer to train on "
                                  "(the last message is not the assistant's)")
-            if _n_images(source) and image_cfg is None and load_images:
-                raise ValueError("samples have images: pass image_cfg=image_config(...)")
             try:
                 ids, _ = self.tokenize(sample)
             except SkipSample as e:
@@ -926,19 +922,13 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         sample = self.samples[self.keep[index]]
         ids, labels = self.tokenize(sample)
-        source, pixels = image_sources(sample), None
-        if isinstance(source, list) and source and self.load_images:
-            pixels = torch.stack([preprocess_image(load_image(x), self.image_cfg) for x in source])  # (M, 3, H, W)
-        elif source is not None and not isinstance(source, list) and self.load_images:
-            pixels = preprocess_image(load_image(source), self.image_cfg)
-        return {"id": sample["id"], "image": source, "pixels": pixels,
+        return {"id": sample["id"], "image": image_sources(sample),
                 "input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
 def collate(batch, *, pad_id):
-    """list of items -> {'input_ids', 'labels', 'attention_mask' (B, T), 'pixels' (B, 3, H, W) or None,
-    'has_image' (B,), 'images' (their sources), 'ids'}; with a several-image sample in the batch pixels
-    (B, M, 3, H, W) and has_image (B, M). Use functools.partial(collate, pad_id=tok.pad_id)."""
+    """list of items -> {'input_ids', 'labels', 'attention_mask' (B, T), 'has_image' (B,) or (B, M), 'images'
+    (their sources, for image_inputs), 'ids'}. Use functools.partial(collate, pad_id=tok.pad_id)."""
     B, T = len(batch), max(len(item["input_ids"]) for item in batch)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
@@ -947,28 +937,12 @@ def collate(batch, *, pad_id):
         n = len(item["input_ids"])
         input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = item["input_ids"], item["labels"], True
     if any(isinstance(item["image"], list) for item in batch):  # several images per sample
-        counts = [_n_images(item["image"]) for item in batch]
-        M = max(counts)
-        has_image = torch.arange(M)[None, :] < torch.tensor(counts)[:, None]  # (B, M)
-        pixels = None
-        if any(item["pixels"] is not None for item in batch):
-            shape = next(item["pixels"] for item in batch if item["pixels"] is not None).shape[-3:]
-            pixels = torch.zeros(B, M, *shape)  # (B, M, 3, H, W)
-            for i, item in enumerate(batch):
-                if item["pixels"] is not None:
-                    px = item["pixels"] if item["pixels"].dim() == 4 else item["pixels"][None]  # (M_i, 3, H, W)
-                    pixels[i, :len(px)] = px
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "pixels": pixels,
-                "has_image": has_image, "images": [item["image"] for item in batch],
-                "ids": [item["id"] for item in batch]}
-    has_image = torch.tensor([item["image"] is not None for item in batch])
-    pixels = None
-    if any(item["pixels"] is not None for item in batch):
-        blank = torch.zeros_like(next(item["pixels"] for item in batch if item["pixels"] is not None))
-        pixels = torch.stack([blank if item["pixels"] is None else item["pixels"] for item in batch])  # (B, 3, H, W)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixels": pixels, "has_image": has_image, "images": [item["image"] for item in batch],
-            "ids": [item["id"] for item in batch]}
+        counts = torch.tensor([_n_images(item["image"]) for item in batch])
+        has_image = torch.arange(int(counts.max()))[None, :] < counts[:, None]  # (B, M)
+    else:
+        has_image = torch.tensor([item["image"] is not None for item in batch])  # (B,)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "has_image": has_image,
+            "images": [item["image"] for item in batch], "ids": [item["id"] for item in batch]}
 
 
 def left_pad(prompts, pad_id):
@@ -982,22 +956,6 @@ def left_pad(prompts, pad_id):
             ids[i, T - len(p):] = torch.as_tensor(p, dtype=torch.long)
             attention_mask[i, T - len(p):] = True
     return ids, attention_mask
-
-
-def group_by_image(samples):
-    """Merge single-turn samples that share an image into one multi-round conversation per image, in file
-    order: "<image>\nQ1" A1 Q2 A2 ... (LLaVA-1.5 does this for VQAv2 / GQA: the image and the template
-    are then encoded once for all its questions). 'answers' becomes the list of every round's answers."""
-    merged = {}
-    for s in samples:
-        if s['image'] is None or s.get('images') is not None or len(s['messages']) != 2:
-            raise ValueError(f"sample {s['id']}: group_by_image needs single-turn samples with an image")
-        g = merged.setdefault(s['image'], {'id': s['id'], 'image': s['image'], 'messages': [], 'answers': []})
-        (user, q), (_, a) = s['messages']
-        q = q if not g['messages'] else q.replace(IMAGE_PLACEHOLDER, '', 1).lstrip('\n')
-        g['messages'] += [(user, q), ('assistant', a)]
-        g['answers'].append(s['answers'])
-    return list(merged.values())
 
 
 def restyle_image_slot(samples, image_slot="<image>\n", no_image_slot=""):
@@ -1028,12 +986,10 @@ def restyle_image_slot(samples, image_slot="<image>\n", no_image_slot=""):
     return out
 
 
-def read_split(cfg, split, group=False, evaluation=False):
+def read_split(cfg, split, evaluation=False):
     """The samples of `split` for a train.py config (keys dataset, data_root, image_root, prompt_format,
-    question_prompt, image_slot, no_image_slot; for evaluation=True also eval_prompt_format, eval_captions);
-    group=True merges each image's questions into one conversation (group_by_image)."""
+    question_prompt, image_slot, no_image_slot; for evaluation=True also eval_prompt_format, eval_captions)."""
     samples = _read_split(cfg, split, evaluation)
-    samples = group_by_image(samples) if group else samples
     image_slot, no_image_slot = cfg.get('image_slot', IMAGE_PLACEHOLDER + "\n"), cfg.get('no_image_slot', '')
     return restyle_image_slot(samples, image_slot, no_image_slot)
 
@@ -1056,3 +1012,66 @@ def _read_split(cfg, split, evaluation=False):
     if name == 'interleaved':
         return read_interleaved(root, image_root=cfg['image_root'] or str(Path(root).parent))
     raise ValueError(f"unknown dataset {name!r}; one of easyvqa, scienceqa, vqav2, coco, llava, interleaved")
+
+# -----------------------------------------------------------------------------
+# 7. A model's inputs
+#
+# prepare(cfg, model): what turns samples into inputs for a train.py config and its model. image_inputs: a
+# batch's image sources -> pixels for the tower, or, with a cache dict, the frozen tower's features computed
+# once per image.
+
+
+def prepare(cfg, model):
+    """What turns samples into model inputs for this config: tokenizer, template, system prompt, image
+    preprocessing, the number of visual tokens per image and the answer prefix of evaluation prompts."""
+    tok = Tokenizer(resolve(cfg['init_lm']))
+    overrides = {'size': cfg['image_size'], 'crop_size': cfg['image_size']} if cfg['image_size'] else {}
+    overrides.update({'resize': cfg['image_resize']} if cfg['image_resize'] else {})
+    norm = cfg.get('image_norm', '')
+    if norm and norm not in IMAGE_NORMS:
+        raise ValueError(f"image_norm must be '' (the tower's) or one of {sorted(IMAGE_NORMS)}, got {norm!r}")
+    overrides.update(dict(zip(('mean', 'std'), IMAGE_NORMS[norm])) if norm else {})
+    image_cfg = image_config(resolve(cfg['init_vision']), tower=model.vision.cfg.kind, **overrides)
+    return dict(tok=tok, template=pick_template(tok, cfg['template'] or None),
+                system=None if cfg['system_prompt'] == 'default' else cfg['system_prompt'], image_cfg=image_cfg,
+                n_image_tokens=model.fusion.n_tokens(model.vision.n_tokens(image_cfg['crop_size'])),
+                answer_prefix=cfg.get('answer_prefix', ''))
+
+
+def image_inputs(model, images, image_cfg, *, cache=None, device='cpu', dtype=torch.float32, autocast=nullcontext(),
+                 always=False):
+    """Image sources (path or bytes; None for a text-only sample) -> dict(pixels, feats, has_image) for
+    VLM.forward / generate. With a `cache` dict the frozen tower runs once per distinct image, in chunks
+    of 64 in sorted order, so the same features come back however the batches are composed. A list of
+    sources for a sample (image_sources) gives its images in order: pixels / feats (B, M, ...) and
+    has_image (B, M), M the most images of a sample in the batch.
+    always=True: a batch without images gets blank pixels too, so that the tower runs for every batch
+    (FSDP: every rank must run the same sharded blocks, whatever its share of the batch holds)."""
+    if any(isinstance(x, list) for x in images):  # several images per sample: as B*M single images
+        lists = [x if isinstance(x, list) else [] if x is None else [x] for x in images]
+        M = max(len(x) for x in lists)
+        flat = image_inputs(model, [x[j] if j < len(x) else None for x in lists for j in range(M)], image_cfg,
+                            cache=cache, device=device, dtype=dtype, autocast=autocast, always=always)
+        return {k: None if v is None else v.unflatten(0, (len(images), M)) for k, v in flat.items()}
+    has_image = torch.tensor([x is not None for x in images], device=device)
+    if not has_image.any():
+        if not always:
+            return dict(pixels=None, feats=None, has_image=has_image)
+        side = image_cfg['size'] if image_cfg['resize'] == 'squash' else image_cfg['crop_size']
+        return dict(pixels=torch.zeros(len(images), 3, side, side, device=device, dtype=dtype), feats=None,
+                    has_image=has_image)
+    if cache is None:
+        px = [preprocess_image(load_image(x), image_cfg) if x is not None else None for x in images]
+        blank = torch.zeros_like(next(p for p in px if p is not None))
+        pixels = torch.stack([p if p is not None else blank for p in px]).to(device=device, dtype=dtype)
+        return dict(pixels=pixels, feats=None, has_image=has_image)
+    todo = sorted({x for x in images if x is not None and x not in cache})
+    for i in range(0, len(todo), 64):
+        chunk = todo[i:i + 64]
+        px = torch.stack([preprocess_image(load_image(x), image_cfg) for x in chunk])
+        with torch.no_grad(), autocast:
+            f = model.image_features(px.to(device=device, dtype=dtype))
+        cache.update(zip(chunk, f.to(dtype)))
+    blank = torch.zeros_like(cache[next(x for x in images if x is not None)])
+    return dict(pixels=None, feats=torch.stack([cache[x] if x is not None else blank for x in images]),
+                has_image=has_image)

@@ -33,6 +33,8 @@ class LLaVAProjector(nn.Module):
     the LM (full, lr 2e-5, or LoRA r 128 / alpha 256, lr 2e-4) on instructions. With CLIP ViT-L/14-336
     at layer -2 and 'patch': 576 tokens of width d."""
 
+    trainable = ('fusion.',)  # parameter-name patterns that train by default (build_vlm)
+
     def __init__(self, vis_dim, lm_dim, *, select='patch'):
         super().__init__()
         if select not in ('patch', 'cls_patch', 'cls'):
@@ -166,6 +168,8 @@ class QFormerFusion(nn.Module):
     (HF Salesforce/blip2-itm-vit-g is BLIP-2's stage-1 model). Without one, the Q-Former starts from BERT's
     random init, not from bert-base + stage 1: expect it to need more data than BLIP-2's stage 2."""
 
+    trainable = ('fusion.',)  # ln_vision, queries, Q-Former, proj (MiniGPT-4 deviates: trainable=('fusion.proj.',))
+
     def __init__(self, vis_dim, lm_dim, *, dim=768, n_layers=12, n_heads=12, n_queries=32, mlp_dim=None,
                  cross_attention_freq=2, eps=1e-12, vis_eps=1e-5, dropout=0.1):
         super().__init__()
@@ -247,23 +251,22 @@ def load_blip2(fusion, name_or_path, *, projection=False, dtype=torch.float32, d
     return fusion
 
 
-def qformer_fusion(cfg, vis_dim, lm_dim):
-    """QFormerFusion for a train.py config: the qformer_* sizes, or with qformer_init a Blip2 checkpoint's
-    (which must agree with them) with its weights loaded."""
-    size = dict(dim=cfg['qformer_dim'], n_layers=cfg['qformer_layers'], n_heads=cfg['qformer_heads'],
-                n_queries=cfg['qformer_queries'])
-    if not cfg['qformer_init']:
+def build_qformer(vis_dim, lm_dim, *, init='', dim=768, layers=12, heads=12, queries=32):
+    """QFormerFusion for the qformer_* keys: a new one of these sizes, or with `init` (qformer_init) a Blip2
+    checkpoint's, whose sizes must agree with them, with its weights loaded."""
+    size = dict(dim=dim, n_layers=layers, n_heads=heads, n_queries=queries)
+    if not init:
         return QFormerFusion(vis_dim, lm_dim, **size)
-    kw = blip2_config(cfg['qformer_init'])
+    kw = blip2_config(init)
     keys = dict(dim='qformer_dim', n_layers='qformer_layers', n_heads='qformer_heads', n_queries='qformer_queries')
     wrong = [f"{keys[k]}={v} but the checkpoint has {kw[k]}" for k, v in size.items() if kw[k] != v]
     if wrong:
-        raise ValueError(f"qformer_init {cfg['qformer_init']}: " + '; '.join(wrong))
+        raise ValueError(f"qformer_init {init}: " + '; '.join(wrong))
     if kw['vis_dim'] != vis_dim:
-        raise ValueError(f"qformer_init {cfg['qformer_init']} cross-attends to {kw['vis_dim']}-wide image features "
-                         f"(1408: EVA ViT-g), but the tower init_vision={cfg['init_vision']} is {vis_dim} wide; a "
-                         f"pretrained Q-Former needs a tower of its width (or leave qformer_init empty)")
-    return load_blip2(QFormerFusion(lm_dim=lm_dim, **kw), cfg['qformer_init'])
+        raise ValueError(f"qformer_init {init} cross-attends to {kw['vis_dim']}-wide image features (1408: EVA "
+                         f"ViT-g), but the tower (init_vision) is {vis_dim} wide; a pretrained Q-Former needs a tower "
+                         f"of its width (or leave qformer_init empty)")
+    return load_blip2(QFormerFusion(lm_dim=lm_dim, **kw), init)
 
 # -----------------------------------------------------------------------------
 # Flamingo: Perceiver Resampler + gated cross-attention dense blocks
@@ -449,6 +452,7 @@ class Flamingo(nn.Module):
     The gated blocks that read media are made by `add_gated_cross_attention`. drop_cls: the tower has a CLS
     token that is not a patch (CLIP, DINOv2)."""
 
+    trainable = ('fusion.', '.pre.')  # the resampler, the <image> embedding, the gated blocks in lm.blocks.*.pre
     decay_patterns = ('.pre.',)  # train.py: weight decay on the gated cross-attention blocks only (OpenFlamingo)
 
     def __init__(self, vis_dim, lm_dim, *, drop_cls=True, num_latents=64, depth=6, heads=8, dim_head=64, ff_mult=4):
@@ -489,11 +493,17 @@ class Flamingo(nn.Module):
         return self.image_embed.expand(BM, 1, -1), media
 
 
+def attach_flamingo(vision, lm, *, every=1):
+    """The Flamingo fusion, with gated cross-attention blocks before every `every`-th LM layer (flamingo_every)."""
+    add_gated_cross_attention(lm, vision.cfg.dim, every=every)
+    return Flamingo(vision.cfg.dim, lm.cfg.dim, drop_cls=vision.cfg.cls_token)
+
+
 def add_gated_cross_attention(lm, vis_dim, *, every=1, **kw):
     """Append a GatedCrossAttentionBlock to the `pre` seam of the layers idx with (idx + 1) % every == 0
     (OpenFlamingo's placement: every=4 gives layers 3, 7, ..., 31 of a 32-layer LM). Returns their count."""
     if every < 1 or every > len(lm.blocks):
-        raise ValueError(f"cross_attn_every_n_layers must be in 1..{len(lm.blocks)} (the LM's layers), not {every}")
+        raise ValueError(f"flamingo_every must be in 1..{len(lm.blocks)} (the LM's layers), not {every}")
     ref = lm.embed.weight
     n = 0
     for idx, blk in enumerate(lm.blocks):
@@ -520,6 +530,8 @@ class DSVLProjection(nn.Module):
     resampler, 256 tokens of width 4096; model.py has no such tower.) `select` as LLaVAProjector's.
     The fusion also returns media['image_mask'] (B, T) = ids == IMAGE_TOKEN, the token types MMCAAttention
     reads at every layer and every generation step."""
+
+    trainable = ('fusion.',)
 
     def __init__(self, vis_dim, lm_dim, *, select='cls_patch'):
         super().__init__()
@@ -607,6 +619,15 @@ def use_mmca(lm):
     for blk in lm.blocks:
         blk.attn.__class__ = MMCAAttention
     return lm
+
+
+def attach_mmca(vision, lm, *, select='cls_patch', attention=True):
+    """The DS-VisualChat projection, and MMCA in every LM layer unless attention=False (mmca_attention: the
+    same projection with plain causal attention, the paper's ablation)."""
+    if attention:
+        use_mmca(lm)
+    return DSVLProjection(vision.cfg.dim, lm.cfg.dim, select=select)
+
 # ADEM-VL: parameter-free cross-attention in parallel with every FFN, multiscale visual prompts,
 # adaptive fusion. Hao et al. 2024, "ADEM-VL: Adaptive and Embedded Fusion for Efficient Vision-Language
 # Tuning" (arXiv 2410.17779). Reference code: Hao840/ADEM-VL adem/model.py (Avg2dSampler, Projector,
@@ -681,6 +702,7 @@ class ADEMFusion(nn.Module):
     slot and media = {'adem_keys': SiLU(V + e1), 'adem_values': V + e2}, each (B, N_v, d), N_v = sum(scales).
     Called for text-only batches too (feats=None): their V is 0 but e1 / e2 still act."""
 
+    trainable = ('fusion.', '.adapters.')  # proj, proj_cls, e1, e2 and the CLIP adapters: every official '*adapter*'
     runs_without_images = True  # VLM.embed calls it for batches without any image (see model.VLM)
 
     def __init__(self, vis_dim, lm_dim, *, scales=(256, 64), hidden=128, beta=0.01):
@@ -759,15 +781,18 @@ class ADEMViTAdapter(nn.Module):
         return self.scale * self.fc2(self.drop(F.gelu(self.fc1(h))))
 
 
-def attach_adem(vision, lm, *, alpha=0.1, drop_ratio=0.1, adapter_dim=12):
-    """Put ADEM-VL's modules into the seams: an ADEMViTAdapter in every tower block (adapter_dim 0: none)
-    and one parameter-free ADEMCrossAttention in every decoder block's ffn_side. Returns nothing."""
+def attach_adem(vision, lm, *, scales=(256, 64), hidden=128, beta=0.01, alpha=0.1, drop_ratio=0.1, adapter_dim=12):
+    """Put ADEM-VL's modules into the seams, an ADEMViTAdapter in every tower block (adapter_dim 0: none) and
+    one parameter-free ADEMCrossAttention in every decoder block's ffn_side, and return the ADEMFusion."""
+    if not vision.cfg.cls_token:
+        raise ValueError(f"fusion 'adem' needs a vision tower with a CLS token (CLIP, DINOv2), not {vision.cfg.kind}")
     w = vision.patch.weight
     if adapter_dim > 0:
         for blk in vision.blocks:
             blk.adapters.append(ADEMViTAdapter(vision.cfg.dim, adapter_dim).to(device=w.device, dtype=w.dtype))
     for blk in lm.blocks:
         blk.ffn_side.append(ADEMCrossAttention(alpha=alpha, drop_ratio=drop_ratio))
+    return ADEMFusion(vision.cfg.dim, lm.cfg.dim, scales=scales, hidden=hidden, beta=beta)
 
 # -----------------------------------------------------------------------------
 # LaVIN: Mixture-of-Modality Adaptation (MMA)
@@ -903,6 +928,8 @@ class LaVIN(nn.Module):
     placeholders), and the modality token (put before every row through `prefix`). `attach_lavin` builds it
     and puts the routers into the tower and the LM."""
 
+    trainable = ('fusion.', 'attn_in.')  # projector, modality embedding, the routers: every official '*adapter*'
+
     def __init__(self, vision_cfg, lm_dim, *, n_visual=6, hidden_proj=128):
         super().__init__()
         if not vision_cfg.cls_token:
@@ -932,11 +959,11 @@ class LaVIN(nn.Module):
         return self.proj(feats), {}  # (B, n_visual, d)
 
 
-def attach_lavin(vision, lm, *, t=10.0, hidden=8, scale=1.0):
+def attach_lavin(vision, lm, *, temperature=10.0, hidden=8, scale=1.0):
     """Put a router into every tower block and every LM block (swapping the LM's attention for
     LaVINAttention) and return the LaVIN fusion module. New modules take each block's device and dtype, so
     this also works on meta-device models. What trains: the fusion and the routers ('fusion.', 'attn_in.')."""
-    kw = dict(hidden=hidden, scale=scale, t=t)
+    kw = dict(hidden=hidden, scale=scale, t=temperature)
     for blk in vision.blocks:
         blk.attn_in.append(LaVINTowerRouter(vision.cfg.dim, **kw).to(blk.norm1.weight))
     for i, blk in enumerate(lm.blocks):
@@ -945,55 +972,64 @@ def attach_lavin(vision, lm, *, t=10.0, hidden=8, scale=1.0):
     return LaVIN(vision.cfg, lm.cfg.dim)
 
 # -----------------------------------------------------------------------------
-# Building a VLM from a config dict (train.py, eval.py and sample.py all go through here)
+# Building a VLM from a config dict (train.py, eval.py and sample.py all go through here). A method owns the
+# config keys that carry its name as a prefix (adem_alpha, lora_r, ...): its build_vlm branch gets them without
+# the prefix, as keyword arguments, and they define the model (a resumed run takes them from its checkpoint).
+# Each fusion class names what trains by default (`trainable`), as each PEFT method does in peft.apply; the
+# config's `trainable` is only for deviating from that (full fine-tuning, MiniGPT-4's frozen Q-Former).
 
 FUSIONS = ('llava', 'qformer', 'flamingo', 'mmca', 'adem', 'lavin')
-# the config keys build_vlm reads: they define the model, so a resumed run takes them from its checkpoint
-ARCH_KEYS = ('init_vision', 'init_lm', 'fusion', 'vision_layer', 'vision_norm', 'vision_feature', 'lora_r',
-             'lora_alpha', 'lora_dropout', 'lora_targets', 'trainable', 'qformer_init', 'qformer_dim',
-             'qformer_layers', 'qformer_heads', 'qformer_queries', 'cross_attn_every_n_layers', 'mmca_attention',
-             'adem_scales', 'adem_hidden', 'adem_beta', 'adem_alpha', 'adem_drop_ratio', 'adem_adapter_dim',
-             'router_temperature')
+MODEL_KEYS = ('init_vision', 'init_lm', 'fusion', 'peft', 'vision_layer', 'vision_norm', 'vision_feature', 'trainable')
+
+
+def method_of(key):
+    """The fusion or PEFT method whose prefix a config key carries ('adem_alpha' -> 'adem'), or None."""
+    return next((m for m in FUSIONS + peft.METHODS if key.startswith(m + '_')), None)
+
+
+def method_keys(cfg, method):
+    """The keys of `method` in cfg, without its prefix: {'alpha': 0.1, ...} for 'adem'."""
+    return {k[len(method) + 1:]: v for k, v in cfg.items() if method_of(k) == method}
+
+
+def arch_keys(cfg):
+    """The config keys build_vlm reads for this config: the general model keys and the chosen methods' own."""
+    chosen = (cfg['fusion'], *peft.names(cfg))
+    return [k for k in cfg if k in MODEL_KEYS or method_of(k) in chosen]
 
 
 def build_vlm(cfg, dtype=torch.float32, device='cpu'):
-    """cfg keys: init_vision, init_lm (hub id or folder), fusion, vision_layer, vision_norm, vision_feature,
-    lora_r / lora_alpha / lora_dropout / lora_targets (r = 0: no LoRA), trainable (name patterns), and each
-    method's own keys (train.py's globals document them)."""
+    """cfg keys: init_vision, init_lm (hub id or folder), fusion (one of FUSIONS), peft ('' | 'lora' | ..., see
+    peft.apply), vision_layer, vision_norm, vision_feature, trainable (name patterns; () = the methods'
+    defaults), and the chosen methods' own prefixed keys (train.py's globals document them)."""
     vision = ViT.from_pretrained(cfg['init_vision'], dtype=dtype, device=device)
     lm = Decoder.from_pretrained(cfg['init_lm'], dtype=dtype, device=device)
-    name = cfg['fusion']
+    name, own = cfg['fusion'], method_keys(cfg, cfg['fusion'])
+    select = cfg.get('vision_feature', 'patch') if vision.cfg.cls_token else 'cls_patch'  # SigLIP: no CLS token
     if name == 'llava':
-        select = cfg['vision_feature'] if vision.cfg.cls_token else 'cls_patch'  # SigLIP: no CLS, all tokens are patches
         fusion = LLaVAProjector(vision.cfg.dim, lm.cfg.dim, select=select)
     elif name == 'qformer':
-        fusion = qformer_fusion(cfg, vision.cfg.dim, lm.cfg.dim)
+        fusion = build_qformer(vision.cfg.dim, lm.cfg.dim, **own)
     elif name == 'flamingo':
-        fusion = Flamingo(vision.cfg.dim, lm.cfg.dim, drop_cls=vision.cfg.cls_token)
-        add_gated_cross_attention(lm, vision.cfg.dim, every=cfg['cross_attn_every_n_layers'])
+        fusion = attach_flamingo(vision, lm, **own)
     elif name == 'mmca':
-        select = cfg['vision_feature'] if vision.cfg.cls_token else 'cls_patch'
-        fusion = DSVLProjection(vision.cfg.dim, lm.cfg.dim, select=select)
-        if cfg['mmca_attention']:  # False: the same projection with plain causal attention (the paper's ablation)
-            use_mmca(lm)
+        fusion = attach_mmca(vision, lm, select=select, **own)
     elif name == 'adem':
-        if not vision.cfg.cls_token:
-            raise ValueError("fusion 'adem' needs a vision tower with a CLS token (CLIP, DINOv2), not SigLIP")
-        fusion = ADEMFusion(vision.cfg.dim, lm.cfg.dim, scales=cfg['adem_scales'], hidden=cfg['adem_hidden'],
-                            beta=cfg['adem_beta'])
-        attach_adem(vision, lm, alpha=cfg['adem_alpha'], drop_ratio=cfg['adem_drop_ratio'],
-                    adapter_dim=cfg['adem_adapter_dim'])
+        fusion = attach_adem(vision, lm, **own)
     elif name == 'lavin':
-        fusion = attach_lavin(vision, lm, t=cfg['router_temperature'])
+        fusion = attach_lavin(vision, lm, **own)
     else:
         raise ValueError(f"unknown fusion {name!r}; one of: {', '.join(FUSIONS)}")
     model = VLM(vision, lm, fusion.to(device=device, dtype=dtype), vision_layer=cfg['vision_layer'],
                 vision_norm=cfg['vision_norm'])
-    if cfg.get('lora_r', 0):
-        peft.apply_lora(model.lm, targets=cfg['lora_targets'], r=cfg['lora_r'], alpha=cfg['lora_alpha'],
-                        dropout=cfg['lora_dropout'])
-    peft.mark_trainable(model, cfg['trainable'])
-    if name == 'flamingo' and not any(p.requires_grad for n, p in model.named_parameters() if '.pre.' in n):
-        raise ValueError(f"fusion='flamingo' with trainable={cfg['trainable']} freezes the gated cross-attention "
-                         f"blocks (lm.blocks.*.pre.*): with their gates at 0 nothing could learn; add '.pre.'")
+    defaults = {f"fusion {name!r}": type(fusion).trainable,  # method -> the patterns that train by default
+                **{f"peft {m!r}": ps for m, ps in peft.apply(model, cfg).items()}}
+    patterns = tuple(cfg.get('trainable') or ()) or tuple(p for ps in defaults.values() for p in ps)
+    peft.mark_trainable(model, patterns)
+    for method, ps in defaults.items():  # a method whose every parameter is frozen cannot learn: an error
+        for p in ps:
+            hit = [q.requires_grad for n, q in model.named_parameters() if p in n]
+            if hit and not any(hit):
+                raise ValueError(f"trainable={patterns} freezes every parameter of {method} matching {p!r} (it trains "
+                                 f"by default); add {p!r}, or leave trainable=() for the methods' defaults")
     return model

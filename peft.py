@@ -68,6 +68,33 @@ def apply_lora(model, *, targets=('q', 'v'), r=8, alpha=8, dropout=0.0):
     return len(hits)
 
 # -----------------------------------------------------------------------------
+# Applying a config's PEFT methods (fusion.build_vlm calls this). A method owns the config keys that carry its
+# name as a prefix (lora_r, lora_alpha, ...) and gets them without it; it names the parameters that train by
+# default, and build_vlm refuses a `trainable` override that freezes all of them.
+
+METHODS = ('lora',)
+
+
+def names(cfg):
+    """The PEFT methods a config asks for: peft='' (none), 'lora', or several joined by '+'."""
+    chosen = [n for n in cfg.get('peft', '').split('+') if n]
+    unknown = [n for n in chosen if n not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown peft method {unknown[0]!r} in peft={cfg['peft']!r}; one of: {', '.join(METHODS)}")
+    return chosen
+
+
+def apply(model, cfg):
+    """Apply the config's PEFT methods to a VLM; returns {method: parameter-name patterns that train by default}."""
+    trains = {}
+    for name in names(cfg):
+        own = {k[len(name) + 1:]: v for k, v in cfg.items() if k.startswith(name + '_')}
+        if name == 'lora':
+            apply_lora(model.lm, **own)
+            trains[name] = ('lora_',)
+    return trains
+
+# -----------------------------------------------------------------------------
 # Shared helpers
 
 

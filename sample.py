@@ -34,7 +34,9 @@ torch.manual_seed(seed)
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 if ckpt:
     import eval as evaluate
+    import peft
     vlm, io, cfg = evaluate.load_vlm(ckpt, device=device, dtype=ptdtype)
+    peft.merge(vlm)  # fold LoRA into the base weights: one matmul per linear while decoding
     tok, chat_template, image_cfg, n_image_tokens = io['tok'], io['template'], io['image_cfg'], io['n_image_tokens']
     image_slot = cfg.get('image_slot', data.IMAGE_PLACEHOLDER + '\n')  # how the checkpoint's prompts open
     system_used = system or io['system']  # the checkpoint's system prompt unless --system is given
@@ -51,11 +53,11 @@ if image and not ckpt:
 stop_ids = data.stop_ids(tok, chat_template)
 
 
-def stream(ids, pixels=None):
+def stream(ids, images=None):
     """Generate from prompt ids, printing text as it forms; returns the answer text."""
     x = torch.tensor([ids], device=device)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids)
-    steps = vlm.stream(x, pixels=pixels, **kw) if vlm is not None else lm.stream(x, **kw)
+    steps = vlm.stream(x, **images, **kw) if vlm is not None else lm.stream(x, **kw)
     out, shown = [], ''
     for t in steps:
         if int(t) in stop_ids:
@@ -69,9 +71,7 @@ def stream(ids, pixels=None):
     return tok.decode(out)
 
 
-pixels = None
-if image:
-    pixels = data.preprocess_image(data.load_image(image), image_cfg)[None].to(device)
+images = data.image_inputs(vlm, [image or None], image_cfg, device=device, dtype=ptdtype) if vlm is not None else None
 
 if not chat:
     if not prompt:
@@ -88,6 +88,6 @@ while True:
     messages.append(('user', text))
     ids = data.encode_prompt(tok, chat_template, messages, n_image_tokens=n_image_tokens, max_len=lm.cfg.max_seq_len,
                              system=system_used)
-    messages.append(('assistant', stream(ids, pixels)))
+    messages.append(('assistant', stream(ids, images)))
     if prompt:
         break

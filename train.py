@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 import data
 import eval as evaluate
-import peft
-from fusion import ARCH_KEYS, build_vlm
+import peft as peft_methods  # `peft` is a config key
+from fusion import arch_keys, build_vlm, method_of
 from model import atomic_save
 
 # -----------------------------------------------------------------------------
@@ -36,7 +36,6 @@ eval_interval = 250          # validation loss every this many steps (and a chec
 eval_iters = 10              # batches in a validation-loss estimate
 log_interval = 10
 always_save_checkpoint = True
-eval_only = False
 final_eval = True            # generate answers for the whole eval split when training ends and score them
 eval_limit = 0               # score only the first N samples of the eval split (0 = all)
 wandb_log = False
@@ -45,17 +44,22 @@ wandb_run_name = 'run'
 # model
 init_vision = 'checkpoints/dinov2-small-imgfocus'  # hub id or folder (python convert.py makes this one)
 init_lm = 'checkpoints/SmolLM2-135M-Instruct'
-fusion = 'llava'
+fusion = 'llava'             # 'llava' | 'qformer' | 'flamingo' | 'mmca' | 'adem' | 'lavin' (fusion.py)
+peft = ''                    # '' | 'lora' (peft.py); several joined by '+'
 vision_layer = -1            # HF hidden_states index of the tower's output (-2: LLaVA's penultimate layer)
 vision_norm = True           # apply the tower's final LayerNorm (DINOv2 last_hidden_state)
-vision_feature = 'patch'     # LLaVA's select_feature: 'patch' (no CLS) | 'cls_patch' | 'cls' (the CLS token alone)
-mmca_attention = True        # fusion='mmca': False keeps its projection but uses plain causal attention
-cross_attn_every_n_layers = 1  # Flamingo: a gated cross-attention block before every n-th LM layer (OpenFlamingo-9B: 4)
-lora_r = 0                   # 0 = no LoRA
+vision_feature = 'patch'     # projector input (LLaVA's select_feature): 'patch' (no CLS) | 'cls_patch' | 'cls' (CLS alone)
+trainable = ()               # () = what the fusion and PEFT methods train by default; else exactly these name patterns
+# Each method's own keys carry its name (build_vlm hands them to it); setting one of a method that is not chosen
+# is an error. LoRA (peft = 'lora')
+lora_r = 8
 lora_alpha = 16
 lora_dropout = 0.0
 lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
-trainable = ('fusion.',)     # parameter-name patterns that train; everything else is frozen
+# DS-VisualChat (fusion = 'mmca')
+mmca_attention = True        # False keeps its projection but uses plain causal attention
+# Flamingo (fusion = 'flamingo')
+flamingo_every = 1           # a gated cross-attention block before every n-th LM layer (OpenFlamingo-9B: 4)
 # BLIP-2 Q-Former (fusion = 'qformer'; config/blip2_coco.py, config/minigpt4_coco.py)
 qformer_init = ''            # '' = a new Q-Former; or a HF Blip2 checkpoint (hub id / folder) whose queries,
                              # Q-Former and ln_vision are loaded (its sizes must equal the four below)
@@ -71,7 +75,7 @@ adem_alpha = 0.1             # scale of the FFN-side cross-attention output
 adem_drop_ratio = 0.1        # fraction of each text token's lowest visual scores set to 0
 adem_adapter_dim = 12        # bottleneck of the adapters in every vision-tower block (0 = none)
 # LaVIN (fusion = 'lavin'; config/lavin_sqa.py)
-router_temperature = 10.0    # softmax temperature of the modality routers (10; 5 in LaVIN's 13B script)
+lavin_temperature = 10.0     # softmax temperature of the modality routers (10; 5 in LaVIN's 13B script)
 # data
 dataset = 'easyvqa'          # 'easyvqa' | 'scienceqa' | 'vqav2' | 'coco' | 'llava' (conversation JSON)
                              # | 'interleaved' (image-text sequences, OpenFlamingo's format: data.read_interleaved)
@@ -79,8 +83,6 @@ data_root = ''               # dataset folder (or JSON file for 'llava', 'interl
 image_root = ''              # image folder when it is not under data_root
 train_split = 'train'
 eval_split = 'test'
-group_by_image = False       # train on one multi-round conversation per image (LLaVA-1.5's VQAv2 / GQA format)
-group_by_length = False      # batch samples of similar length together (less padding)
 image_size = 0               # 0 = the tower's preprocessor_config; else resize / crop to this size
 image_resize = ''            # '' = the tower's way; 'crop' | 'squash' | 'pad' (LLaVA-1.5: pad to square with the mean colour)
 image_norm = ''              # '' = the tower's mean / std; 'imagenet' | 'clip' | 'half' (data.IMAGE_NORMS)
@@ -120,8 +122,15 @@ cache_features = True        # compute the frozen tower's features once per imag
 threads = 0                  # torch CPU threads (0 = torch's default)
 seed = 1337
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
+defaults = {k: globals()[k] for k in config_keys}
+_renamed = {'cross_attn_every_n_layers': 'flamingo_every', 'router_temperature': 'lavin_temperature'}  # configurator
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}
+chosen = (fusion, *peft_methods.names(config))
+for k, v in config.items():  # e.g. lora_r=16 with peft='' would silently train without LoRA
+    if method_of(k) not in (None, *chosen) and v != defaults[k]:
+        raise SystemExit(f"config key {k}={v!r} belongs to {method_of(k)!r}, which this run does not use "
+                         f"(fusion={fusion!r}, peft={peft!r})")
 # -----------------------------------------------------------------------------
 # processes, devices, precision
 
@@ -166,8 +175,8 @@ if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         raise SystemExit(f"init_from='resume' but {ckpt_path} does not exist")
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    for k in ARCH_KEYS:  # the architecture comes from the checkpoint
-        config[k] = globals()[k] = ckpt['config'].get(k, globals()[k])
+    for k in arch_keys(ckpt['config']):  # the architecture comes from the checkpoint
+        config[k] = globals()[k] = ckpt['config'][k]
 elif init_from != 'scratch':
     raise SystemExit(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
 model = build_vlm(config, dtype=ptdtype, device=device)
@@ -175,12 +184,12 @@ for p in model.parameters():
     if p.requires_grad:
         p.data = p.data.float()  # master weights of what trains stay in float32
 if ckpt is not None:
-    peft.load_trainable_state_dict(model, ckpt['model'], where=ckpt_path)
+    peft_methods.load_trainable_state_dict(model, ckpt['model'], where=ckpt_path)
 torch.manual_seed(seed + rank)  # from here on (dropout), each rank draws its own numbers
 n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
 print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {n_train / 1e6:.3f}M trainable")
 
-io = evaluate.prepare(config, model)
+io = data.prepare(config, model)
 tok, chat, n_image_tokens = io['tok'], io['template'], io['n_image_tokens']
 
 # -----------------------------------------------------------------------------
@@ -188,11 +197,11 @@ tok, chat, n_image_tokens = io['tok'], io['template'], io['n_image_tokens']
 
 
 def dataset_for(samples):
-    return data.ConversationDataset(samples, tok, template=chat, image_cfg=io['image_cfg'], n_image_tokens=n_image_tokens,
-                                    max_len=max_len, system=io['system'], load_images=False)
+    return data.ConversationDataset(samples, tok, template=chat, n_image_tokens=n_image_tokens, max_len=max_len,
+                                    system=io['system'])
 
 
-train_ds = dataset_for(data.read_split(config, train_split, group=group_by_image))
+train_ds = dataset_for(data.read_split(config, train_split))
 eval_samples = data.read_split(config, eval_split, evaluation=True)
 eval_ds = dataset_for(eval_samples)
 print0(f"data: {len(train_ds)} train / {len(eval_ds)} eval samples; {n_image_tokens} visual tokens per image")
@@ -202,7 +211,7 @@ feats_cache = {} if cache_features and not fsdp and not any(p.requires_grad for 
 
 
 def image_inputs(images):
-    return evaluate.image_inputs(raw_model, images, io['image_cfg'], cache=feats_cache, device=device, dtype=ptdtype,
+    return data.image_inputs(raw_model, images, io['image_cfg'], cache=feats_cache, device=device, dtype=ptdtype,
                                  autocast=autocast, always=ddp and fsdp)
 
 
@@ -227,16 +236,11 @@ _perms = {}
 
 
 def sample_index(g):
-    """Train-set index of the g-th sample of the stream. With group_by_length, each window of 16 steps'
-    samples is sorted by length, so that micro-batches need little padding (LLaVA's length grouping)."""
+    """Train-set index of the g-th sample of the stream."""
     epoch, i = divmod(g, len(train_ds))
     if epoch not in _perms:
         _perms.clear()
-        perm = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        if group_by_length:
-            w = 16 * per_step
-            perm = [j for k in range(0, len(perm), w) for j in sorted(perm[k:k + w], key=lambda j: -train_ds.lengths[j])]
-        _perms[epoch] = perm
+        _perms[epoch] = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     return _perms[epoch][i]
 
 
@@ -342,9 +346,9 @@ if wandb_log and master:
 print0(f"training: {max_steps} steps of {per_step} samples ({epochs if max_iters == 0 else max_steps / steps_per_epoch:.2f} epochs), "
        f"{device}, {dtype}, world {world}")
 model.train()
-bar = tqdm(total=max_steps, initial=step, disable=not master or eval_only, dynamic_ncols=True)
+bar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
 t0, tokens_seen = time.time(), 0
-while step < max_steps and not eval_only:
+while step < max_steps:
     lr = get_lr(step)
     for group in optimizer.param_groups:
         group['lr'] = lr
@@ -410,7 +414,7 @@ bar.close()
 # -----------------------------------------------------------------------------
 # final evaluation: generate for the eval split and score it
 
-if final_eval or eval_only:
+if final_eval:
     samples = eval_samples[:eval_limit] if eval_limit else eval_samples
     result = evaluate.run(raw_model, samples, io, task=dataset, features=image_inputs, batch_size=batch_size * 4,
                           max_new_tokens=max_new_tokens, autocast=autocast, rank=rank, world=world, device=device,

@@ -37,7 +37,7 @@ vision_norm = True           # ... then ln_post on every token, no projection
 image_resize = 'squash'      # Resize((224, 224), bicubic) ...
 image_norm = 'imagenet'      # ... with the ImageNet mean / std (util/datasets.py), not CLIP's
 template = 'base'            # [BOS] prompt answer [EOS], no chat roles
-trainable = ('fusion.', '.adapters.')  # projectors, e1, e2 + the CLIP adapters: every official '*adapter*'
+# trains its default set: projectors, e1, e2 + the CLIP adapters, every official '*adapter*'
 
 adem_scales = (256, 64)      # --down_sample_num 256 64: 16x16 patches + 8x8 pooled = 320 visual prompts
 adem_hidden = 128            # --hidden_proj

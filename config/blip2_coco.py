@@ -42,8 +42,7 @@ qformer_dim = 768
 qformer_layers = 12
 qformer_heads = 12
 qformer_queries = 32
-trainable = ('fusion.',)     # ln_vision, queries, Q-Former, projection; tower and LLM frozen
-lora_r = 0
+# trains its default set: ln_vision, queries, Q-Former, projection; tower and LLM frozen
 
 dataset = 'coco'
 data_root = 'data/coco'

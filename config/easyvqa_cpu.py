@@ -23,9 +23,9 @@ vision_layer = -1
 vision_norm = True
 vision_feature = 'cls'
 image_size = 56
+peft = 'lora'                 # trains the projector and the LoRA layers (their default sets)
 lora_r = 8
 lora_alpha = 16
-trainable = ('fusion.', 'lora_')
 
 dataset = 'easyvqa'
 template = 'plain'

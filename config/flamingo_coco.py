@@ -1,7 +1,7 @@
 # Flamingo (Alayrac et al. 2022) as OpenFlamingo builds its 9B model from LLaMA-7B (Awadalla et al. 2023;
 # mlfoundations/open_flamingo): CLIP ViT-L/14 at 224 px (the last layer's 256 patch tokens, no CLS, without
 # the final LayerNorm, as open_clip's output_tokens gave them then), a Perceiver Resampler (64 latents, depth
-# 6) and a gated cross-attention block before every 4th LLaMA-7B layer (cross_attn_every_n_layers 4: 8
+# 6) and a gated cross-attention block before every 4th LLaMA-7B layer (flamingo_every 4: 8
 # blocks, OpenFlamingo-9B's value for LLaMA-7B and for MPT-7B). 1.18B parameters train (fusion.py, Flamingo).
 # Task: COCO captions on the Karpathy split, in OpenFlamingo's text format ('flamingo' template):
 #   <image>\nProvide a one-sentence caption for the provided image.{caption}<|endofchunk|>
@@ -30,10 +30,9 @@ init_lm = 'huggyllama/llama-7b'
 fusion = 'flamingo'
 vision_layer = -1
 vision_norm = False
-cross_attn_every_n_layers = 4
+flamingo_every = 4
 template = 'flamingo'
-trainable = ('fusion.', '.pre.')   # the resampler and the <image> embedding; the gated blocks in lm.blocks.*.pre
-lora_r = 0
+# trains its default set: the resampler, the <image> embedding, the gated blocks in lm.blocks.*.pre
 
 dataset = 'coco'
 data_root = 'data/coco'

@@ -7,7 +7,6 @@
 # per sample, so the media mask is simply "text after the image sees it".
 out_dir = 'out/flamingo_easyvqa'
 fusion = 'flamingo'
-cross_attn_every_n_layers = 4
-trainable = ('fusion.', '.pre.')
-lora_r = 0
+flamingo_every = 4
+peft = ''
 weight_decay = 0.1

@@ -6,7 +6,6 @@
 out_dir = 'out/lavin_easyvqa'
 fusion = 'lavin'
 vision_norm = False
-trainable = ('fusion.', 'attn_in.')
-lora_r = 0
+peft = ''
 weight_decay = 0.02
 beta2 = 0.95

@@ -28,7 +28,7 @@ out_dir = 'out/lavin_sqa'
 init_vision = 'openai/clip-vit-large-patch14'
 init_lm = 'huggyllama/llama-7b'   # LLaMA-7B (v1) in HF format, LaVIN's base model
 fusion = 'lavin'
-router_temperature = 10.0        # 5.0 in LaVIN's 13B instruction-tuning script
+lavin_temperature = 10.0         # 5.0 in LaVIN's 13B instruction-tuning script
 vision_norm = False              # LaVIN reads the CLS tokens without ln_post (the fusion picks the layers)
 image_size = 224
 image_resize = 'squash'          # Resize((224, 224), bicubic)
@@ -36,8 +36,7 @@ image_norm = 'imagenet'
 template = 'base'                # no chat template: [BOS] prompt answer [EOS]
 image_slot = 'Image: <image>'    # [modality] [BOS] "Image: " [6 visual tokens] prompt ...
 no_image_slot = 'Image: N/A '    # ... or [modality] [BOS] "Image: N/A" prompt for text-only questions
-trainable = ('fusion.', 'attn_in.')  # projector + modality embedding, the routers in every LLaMA / CLIP block
-lora_r = 0
+# trains its default set: projector + modality embedding, the routers in every LLaMA / CLIP block
 
 dataset = 'scienceqa'
 data_root = 'data/scienceqa'

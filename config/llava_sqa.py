@@ -13,7 +13,7 @@
 #   1 x A100-80GB: python train.py config/llava_sqa.py --grad_accum=8                      (16 x 8 x 1)
 # 12,726 train problems / 128 = 99 steps per epoch, 1,188 steps in all. Memory on one GPU: frozen
 # bf16 weights 14 GB + LoRA (320M params, fp32 + AdamW) 5 GB + activations of 16 x ~800 tokens.
-# Full fine-tuning instead (LLaVA's 2e-5 recipe): trainable = ('fusion.', 'lm.'), lora_r = 0,
+# Full fine-tuning instead (LLaVA's 2e-5 recipe): trainable = ('fusion.', 'lm.'), peft = '',
 # learning_rate = 2e-5, with --fsdp=True on 8 GPUs (7B x 16 bytes of weights + AdamW state).
 
 out_dir = 'out/llava_sqa'
@@ -25,10 +25,10 @@ vision_norm = False
 image_resize = 'pad'
 template = 'vicuna_v1'
 
+peft = 'lora'                 # trains the projector and the LoRA layers
 lora_r = 128
 lora_alpha = 256
 lora_dropout = 0.05
-trainable = ('fusion.', 'lora_')
 
 dataset = 'scienceqa'
 data_root = 'data/scienceqa'

@@ -47,7 +47,6 @@ qformer_layers = 12
 qformer_heads = 12
 qformer_queries = 32
 trainable = ('fusion.proj.',)  # llama_proj only; ln_vision, queries and Q-Former stay as loaded
-lora_r = 0
 
 dataset = 'coco'
 data_root = 'data/coco'

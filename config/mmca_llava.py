@@ -10,8 +10,8 @@
 # What trains there: the projection and the LM's input word embedding (a separate copy of it, at the same lr,
 # because the official tokenizer gains new special tokens), with the tower and the LM frozen; no LoRA
 # (--lang_lora_dim defaults to 0). LLaMA-2 unties embedding and head, so 'lm.embed.' is the same set here:
-# 4.2M projection + 131.1M embedding = 135.3M trainable. Projection only: trainable = ('fusion.',).
-# LoRA on the LM as their --lang_lora_dim: lora_r = 8 (say) and trainable = ('fusion.', 'lm.embed.', 'lora_').
+# 4.2M projection + 131.1M embedding = 135.3M trainable. Projection only: trainable = () (the default).
+# LoRA on the LM as their --lang_lora_dim: peft = 'lora', lora_r = 8 (say) and trainable = ('fusion.', 'lm.embed.', 'lora_').
 # Ablation (plain causal attention, same projection): --mmca_attention=False.
 #
 # Differences from the official run: its data blend (LLaVA detail + complex reasoning + conversations, Otter
@@ -39,7 +39,6 @@ vision_norm = False
 vision_feature = 'cls_patch'
 template = 'vicuna_v1'
 
-lora_r = 0
 trainable = ('fusion.', 'lm.embed.')
 
 dataset = 'llava'

@@ -611,16 +611,17 @@ def test_dataset_and_collate_mixed_batch(toks, tmp_path):
     samples = data.read_easy_vqa("test")[:3] + [
         {"id": "text", "image": None, "messages": [("user", "Which is a verb?"), ("assistant", "The answer is A.")]}]
     cfg = data.image_config(tower="clip", size=32, crop_size=32)
-    ds = data.ConversationDataset(samples, tok, template="smollm2", image_cfg=cfg, n_image_tokens=4, max_len=128)
+    ds = data.ConversationDataset(samples, tok, template="smollm2", n_image_tokens=4, max_len=128)
     assert len(ds) == 4 and not ds.skipped and ds.lengths == [len(ds[i]["input_ids"]) for i in range(4)]
     loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=partial(data.collate, pad_id=tok.pad_id))
     batch = next(iter(loader))
     B, T = batch["input_ids"].shape
     assert (B, T) == (4, max(ds.lengths)) and batch["labels"].shape == (B, T) == batch["attention_mask"].shape
-    assert batch["pixels"].shape == (4, 3, 32, 32) and batch["pixels"].dtype == torch.float32
     assert batch["has_image"].tolist() == [True, True, True, False] and batch["ids"][3] == "text"
     assert batch["images"] == [s["image"] for s in samples[:3]] + [None]
-    assert (batch["pixels"][3] == 0).all() and batch["pixels"][0].abs().sum() > 0
+    pixels = data.image_inputs(None, batch["images"], cfg)["pixels"]  # the one image pipeline (no cache: no model)
+    assert pixels.shape == (4, 3, 32, 32) and pixels.dtype == torch.float32
+    assert (pixels[3] == 0).all() and pixels[0].abs().sum() > 0
     for i in range(B):
         n = ds.lengths[i]
         assert batch["attention_mask"][i].sum() == n and (batch["input_ids"][i, n:] == tok.pad_id).all()
@@ -630,26 +631,21 @@ def test_dataset_and_collate_mixed_batch(toks, tmp_path):
     assert tok.decode(batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist(), skip_special=False) == \
         samples[0]["answers"][0] + "<|im_end|>"
     text_only = data.collate([ds[3], ds[3]], pad_id=tok.pad_id)
-    assert text_only["pixels"] is None and not text_only["has_image"].any()
-    # load_images=False: same tokens, the image sources only (e.g. for a feature cache)
-    lazy = data.ConversationDataset(samples, tok, template="smollm2", n_image_tokens=4, max_len=128, load_images=False)
-    b = data.collate([lazy[i] for i in range(4)], pad_id=tok.pad_id)
-    assert b["pixels"] is None and b["has_image"].tolist() == [True, True, True, False]
-    assert torch.equal(b["input_ids"], batch["input_ids"]) and b["images"] == batch["images"]
+    assert data.image_inputs(None, text_only["images"], cfg)["pixels"] is None and not text_only["has_image"].any()
 
 
 def test_dataset_rejects_inconsistent_samples(toks):
     tok = toks["bytelevel"]
     no_placeholder = [{"id": "x", "image": "a.png", "messages": [("user", "Q"), ("assistant", "A")]}]
     with pytest.raises(ValueError, match="sample x: 0 '<image>' placeholders"):
-        data.ConversationDataset(no_placeholder, tok, template="smollm2", image_cfg=data.image_config(tower="clip"))
+        data.ConversationDataset(no_placeholder, tok, template="smollm2")
     no_answer = [{"id": "y", "image": None, "messages": [("user", "Q")]}]
     with pytest.raises(ValueError, match="sample y: no answer"):
         data.ConversationDataset(no_answer, tok, template="smollm2")
     missing = [{"id": "z", "image": "/nonexistent/z.png", "messages": [("user", "<image>\nQ"), ("assistant", "A")]}]
-    ds = data.ConversationDataset(missing, tok, template="smollm2", image_cfg=data.image_config(tower="clip"))
+    ds = data.ConversationDataset(missing, tok, template="smollm2")
     with pytest.raises(FileNotFoundError, match="/nonexistent/z.png"):
-        ds[0]
+        data.image_inputs(None, [ds[0]["image"]], data.image_config(tower="clip"))
 
 
 def test_left_pad():

@@ -9,6 +9,7 @@ import torch
 
 import data
 import eval as evaluate
+import metrics
 from conftest import ROOT, shape_image
 from fusion import build_vlm
 
@@ -29,7 +30,7 @@ def vlm(tiny):
     model = build_vlm(config(tiny)).eval()
     with torch.no_grad():  # a projector large enough that the image changes what is generated
         model.fusion.fc2.weight.mul_(30)
-    return model, evaluate.prepare(config(tiny), model)
+    return model, data.prepare(config(tiny), model)
 
 
 @pytest.fixture(scope='module')
@@ -56,7 +57,7 @@ def test_batched_generation_equals_one_by_one(vlm, coco):
     # the metrics are the caption scorers applied to exactly these predictions
     cands = {p['id']: p['pred'] for p in one['predictions']}
     refs = {s['id']: s['answers'] for s in samples}
-    assert one['metrics']['CIDEr'] == pytest.approx(100 * evaluate.caption_scores(cands, refs)['CIDEr'])
+    assert one['metrics']['CIDEr'] == pytest.approx(100 * metrics.caption_scores(cands, refs)['CIDEr'])
 
 
 def test_task_parsers_and_scorers():

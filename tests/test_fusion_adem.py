@@ -271,7 +271,7 @@ def test_token_layout_matches_the_official_code(sqa_root, tmp_path):
     cfg = dict(dataset='scienceqa', data_root=sqa_root, image_root='', prompt_format='CQM-A',
                image_slot='Image: <image>', no_image_slot='Image: N/A ')
     ds = data.ConversationDataset(data.read_split(cfg, 'train'), tok, template='base', n_image_tokens=1,
-                                  max_len=512, load_images=False)
+                                  max_len=512)
     for sample, i in zip(ds.samples, range(len(ds))):
         prompt, answer = data.scienceqa_prompt(data._load_json(f'{sqa_root}/problems.json')[sample['id']])
         item = ds[i]
@@ -287,13 +287,13 @@ def test_token_layout_matches_the_official_code(sqa_root, tmp_path):
 
 def test_prepare_image_norm_and_answer_prefix(tiny):
     model = build_vlm(adem_cfg(tiny))
-    io = evaluate.prepare(adem_cfg(tiny), model)
+    io = data.prepare(adem_cfg(tiny), model)
     assert (io['image_cfg']['mean'], io['image_cfg']['std']) == data.IMAGE_NORMS['imagenet']
     assert io['image_cfg']['resize'] == 'squash' and io['image_cfg']['size'] == 32
     assert io['answer_prefix'] == 'The answer is' and io['n_image_tokens'] == 1 and io['template'] == 'base'
-    assert evaluate.prepare(adem_cfg(tiny, image_norm=''), model)['image_cfg']['mean'] == data.CLIP_MEAN
+    assert data.prepare(adem_cfg(tiny, image_norm=''), model)['image_cfg']['mean'] == data.CLIP_MEAN
     with pytest.raises(ValueError, match='image_norm must be'):
-        evaluate.prepare(adem_cfg(tiny, image_norm='inet'), model)
+        data.prepare(adem_cfg(tiny, image_norm='inet'), model)
 
 # -----------------------------------------------------------------------------
 # config/adem_sqa.py end to end

@@ -110,13 +110,13 @@ def test_gated_blocks_every_n_layers(every, layers):
     assert add_gated_cross_attention(lm, 32, every=every) == len(layers) == 6 // every
     assert [i for i, b in enumerate(lm.blocks) if len(b.pre)] == layers
     assert all(len(b.pre) <= 1 for b in lm.blocks)
-    with pytest.raises(ValueError, match='cross_attn_every_n_layers must be in 1..6'):
+    with pytest.raises(ValueError, match='flamingo_every must be in 1..6'):
         add_gated_cross_attention(lm, 32, every=7)
 
 
 def test_build_vlm_trains_resampler_image_embedding_and_gated_blocks(tiny):
     cfg = dict(init_vision=tiny['clip'], init_lm=tiny['lm'], fusion='flamingo', vision_layer=-1, vision_norm=False,
-               vision_feature='patch', cross_attn_every_n_layers=1, lora_r=0, trainable=('fusion.', '.pre.'))
+               vision_feature='patch', flamingo_every=1, lora_r=0, trainable=('fusion.', '.pre.'))
     model = build_vlm(cfg)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     per_block = {'attn_gate', 'ff_gate', 'attn.norm.weight', 'attn.norm.bias', 'attn.to_q.weight', 'attn.to_kv.weight',
@@ -134,7 +134,7 @@ def test_build_vlm_trains_resampler_image_embedding_and_gated_blocks(tiny):
     assert r.latents.shape == (64, 32) and len(r.layers) == 6 and r.layers[0][0].to_q.weight.shape == (512, 32)
     assert model.lm.blocks[0].pre[0].attn.to_kv.weight.shape == (1024, 32)  # Dv -> 2 x 8 heads x 64
     assert all(b.pre[0].attn_gate.item() == 0.0 == b.pre[0].ff_gate.item() for b in model.lm.blocks)
-    with pytest.raises(ValueError, match=r"freezes the gated cross-attention blocks .*add '\.pre\.'"):
+    with pytest.raises(ValueError, match=r"freezes every parameter of fusion 'flamingo' matching '\.pre\.'.*add '\.pre\.'"):
         build_vlm({**cfg, 'trainable': ('fusion.',)})
 
 
@@ -333,11 +333,11 @@ def pictures(tmp_path_factory):
 @torch.no_grad()
 def test_several_images_per_sample_from_data_to_logits(tiny, pictures):
     cfg = dict(init_vision=tiny['clip'], init_lm=tiny['lm'], fusion='flamingo', vision_layer=-1, vision_norm=False,
-               vision_feature='patch', cross_attn_every_n_layers=1, lora_r=0, trainable=('fusion.', '.pre.'),
+               vision_feature='patch', flamingo_every=1, lora_r=0, trainable=('fusion.', '.pre.'),
                image_size=0, image_resize='', template='flamingo', system_prompt='default')
     torch.manual_seed(0)
     model = open_gates(build_vlm(cfg)).eval()
-    io = evaluate.prepare(cfg, model)
+    io = data.prepare(cfg, model)
     assert io['n_image_tokens'] == 1
     samples = [
         {'id': 'two', 'image': pictures[0], 'images': pictures[:2], 'answers': ['b'],
@@ -345,23 +345,23 @@ def test_several_images_per_sample_from_data_to_logits(tiny, pictures):
         {'id': 'one', 'image': pictures[2], 'answers': ['c'],
          'messages': [('user', '<image>\nwhat is it?'), ('assistant', 'a green circle')]},
         {'id': 'none', 'image': None, 'answers': ['d'], 'messages': [('user', 'is there a shape'), ('assistant', 'no')]}]
-    ds = data.ConversationDataset(samples, io['tok'], template='flamingo', image_cfg=io['image_cfg'],
-                                  n_image_tokens=1, max_len=64)
+    ds = data.ConversationDataset(samples, io['tok'], template='flamingo', n_image_tokens=1, max_len=64)
     b = data.collate([ds[i] for i in range(3)], pad_id=io['tok'].pad_id)
-    assert b['pixels'].shape == (3, 2, 3, 32, 32) and b['has_image'].tolist() == [[True, True], [True, False], [False, False]]
-    assert b['images'] == [pictures[:2], pictures[2], None] and (b['pixels'][1:, 1] == 0).all()
+    px = data.image_inputs(model, b['images'], io['image_cfg'])  # pixels (B, M, 3, H, W)
+    assert px['pixels'].shape == (3, 2, 3, 32, 32) and b['has_image'].tolist() == [[True, True], [True, False], [False, False]]
+    assert torch.equal(px['has_image'], b['has_image'])
+    assert b['images'] == [pictures[:2], pictures[2], None] and (px['pixels'][1:, 1] == 0).all()
     assert (b['input_ids'] == IMAGE_TOKEN).sum(1).tolist() == [2, 1, 0]
-    direct = model(b['input_ids'], pixels=b['pixels'], has_image=b['has_image'])
-    cached = evaluate.image_inputs(model, b['images'], io['image_cfg'], cache={})
+    direct = model(b['input_ids'], **px)
+    cached = data.image_inputs(model, b['images'], io['image_cfg'], cache={})
     assert cached['feats'].shape == (3, 2, 17, 32) and torch.equal(cached['has_image'], b['has_image'])
     assert rel_err(model(b['input_ids'], **cached), direct) < 1e-5
-    uncached = evaluate.image_inputs(model, b['images'], io['image_cfg'])
-    assert torch.equal(uncached['pixels'], b['pixels'])
     # the single-image sample gives the same logits in a single-image batch (pixels (1, 3, H, W))
     one = data.collate([ds[1]], pad_id=io['tok'].pad_id)
-    assert one['pixels'].shape == (1, 3, 32, 32) and one['has_image'].tolist() == [True]
+    one_px = data.image_inputs(model, one['images'], io['image_cfg'])
+    assert one_px['pixels'].shape == (1, 3, 32, 32) and one['has_image'].tolist() == [True]
     n = one['input_ids'].shape[1]
-    assert rel_err(model(one['input_ids'], pixels=one['pixels'])[0], direct[1, :n]) < 1e-5
+    assert rel_err(model(one['input_ids'], pixels=one_px['pixels'])[0], direct[1, :n]) < 1e-5
     # generation through eval.run: two-image few-shot prompt, single-image and text-only prompts
     result = evaluate.run(model, samples, io, task='interleaved', batch_size=3, max_new_tokens=3, progress=False)
     assert result['n'] == 3 and len(result['predictions']) == 3
@@ -400,7 +400,7 @@ def test_flamingo_coco_config_takes_two_steps_with_a_two_image_sample(tiny, pict
     path = write_interleaved(root, entries)
     monkeypatch.setattr(sys, 'argv', [
         'train.py', str(ROOT / 'config' / 'flamingo_coco.py'), f'--init_vision={tiny["clip"]}',
-        f'--init_lm={tiny["lm"]}', '--cross_attn_every_n_layers=2', '--dataset=interleaved', f'--data_root={path}',
+        f'--init_lm={tiny["lm"]}', '--flamingo_every=2', '--dataset=interleaved', f'--data_root={path}',
         f'--out_dir={tmp_path / "out"}', '--max_iters=2', '--batch_size=2', '--dtype=float32', '--eval_iters=1',
         '--eval_limit=2', '--device=cpu', '--log_interval=1'])  # the tiny LM has 2 layers: one block, before layer 1
     out = runpy.run_path(str(ROOT / 'train.py'), run_name='__main__')

@@ -22,7 +22,7 @@ pytest.importorskip('transformers')  # the tiny checkpoints are written with sav
 
 
 def config(tiny, **kw):
-    cfg = dict(init_vision=tiny['clip'], init_lm=tiny['lm'], fusion='lavin', router_temperature=10.0,
+    cfg = dict(init_vision=tiny['clip'], init_lm=tiny['lm'], fusion='lavin', lavin_temperature=10.0,
                vision_layer=-1, vision_norm=False, vision_feature='patch', lora_r=0, trainable=('fusion.', 'attn_in.'),
                image_size=0, image_resize='squash', image_norm='imagenet', template='base',
                system_prompt='default')
@@ -48,7 +48,7 @@ def randomize_routers(model, std=0.3, seed=0):
 def lavin(tiny):
     torch.manual_seed(0)
     model = build_vlm(config(tiny)).eval()
-    return model, evaluate.prepare(config(tiny), model)
+    return model, data.prepare(config(tiny), model)
 
 
 @pytest.fixture(scope='module')
@@ -346,7 +346,7 @@ def test_lavin_sqa_config_takes_two_steps(tiny, sqa_root, tmp_path, monkeypatch)
     result = json.load(open(tmp_path / 'eval_test.json'))
     assert result['task'] == 'scienceqa' and result['n'] == 2
     model, io, cfg = evaluate.load_vlm(str(tmp_path / 'ckpt.pt'))  # and the checkpoint loads back
-    assert isinstance(model.fusion, LaVIN) and cfg['router_temperature'] == 10.0
+    assert isinstance(model.fusion, LaVIN) and cfg['lavin_temperature'] == 10.0
     assert torch.equal(model.lm.blocks[0].attn_in[0].B.parts[0].weight, ckpt['model']['lm.blocks.0.attn_in.0.B.parts.0.weight'])
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import peft
 from conftest import ROOT, randomize, rel_err, shape_image
-from fusion import QFormerFusion, blip2_config, load_blip2, qformer_fusion
+from fusion import QFormerFusion, blip2_config, build_qformer, load_blip2
 from model import IMAGE_TOKEN, VLM, Decoder, LMConfig, ViT, ViTConfig
 
 T = pytest.importorskip('transformers')
@@ -123,13 +123,12 @@ def test_gradients_reach_every_fusion_parameter_through_the_frozen_lm(blip2, tmp
 
 def test_load_errors_name_the_problem(blip2, tiny, tmp_path):
     _, path, _ = blip2
-    cfg = dict(qformer_init=str(path), qformer_dim=32, qformer_layers=4, qformer_heads=4, qformer_queries=8,
-               init_vision='clip-L')
-    assert qformer_fusion(cfg, 48, 64).n_tokens(257) == 8
-    with pytest.raises(ValueError, match=r'cross-attends to 48-wide image features.*init_vision=clip-L is 1024 wide'):
-        qformer_fusion(cfg, 1024, 64)
+    cfg = dict(init=str(path), dim=32, layers=4, heads=4, queries=8)  # the qformer_* keys, as build_vlm hands them
+    assert build_qformer(48, 64, **cfg).n_tokens(257) == 8
+    with pytest.raises(ValueError, match=r'cross-attends to 48-wide image features.*the tower \(init_vision\) is 1024 wide'):
+        build_qformer(1024, 64, **cfg)
     with pytest.raises(ValueError, match=r'qformer_layers=12 but the checkpoint has 4; qformer_queries=32 .* has 8'):
-        qformer_fusion({**cfg, 'qformer_layers': 12, 'qformer_queries': 32}, 48, 64)
+        build_qformer(48, 64, **{**cfg, 'layers': 12, 'queries': 32})
     with pytest.raises(ValueError, match=r"model_type 'clip_vision_model', expected 'blip-2'"):
         blip2_config(tiny['clip'])
     # a Q-Former built with cross-attention every other layer does not take one with it in every layer
@@ -165,7 +164,7 @@ def meta_vlm(vis_cfg, lm_cfg, cfg):
         fusion = QFormerFusion(vis_cfg.dim, lm_cfg.dim, dim=cfg['qformer_dim'], n_layers=cfg['qformer_layers'],
                                n_heads=cfg['qformer_heads'], n_queries=cfg['qformer_queries'])
         model = VLM(ViT(vis_cfg), Decoder(lm_cfg), fusion)
-    n = peft.mark_trainable(model, cfg['trainable'])
+    n = peft.mark_trainable(model, cfg.get('trainable') or QFormerFusion.trainable)  # the config's, or the default
     return model, n, {k for k, p in model.named_parameters() if p.requires_grad}
 
 

@@ -23,10 +23,10 @@ def train(monkeypatch, *args):
 def base_args(tiny, data, out, **kw):
     args = dict(init_vision=tiny['dinov2'], init_lm=tiny['lm'], dataset='llava', data_root=data, out_dir=str(out),
                 template='qwen2', batch_size=4, max_iters=8, eval_interval=4, eval_iters=1, log_interval=1,
-                learning_rate=3e-3, warmup_ratio=0.25, lora_r=4, trainable="('fusion.','lora_')",
+                learning_rate=3e-3, warmup_ratio=0.25, peft='lora', lora_r=4, trainable="('fusion.','lora_')",
                 final_eval=False, dtype='float32', max_len=128)
     args.update(kw)
-    return [f'--{k}={v}' for k, v in args.items()]
+    return [f'--{k}={v}' for k, v in args.items() if v is not None]  # None: leave the key at train.py's default
 
 
 def losses(out):
@@ -35,7 +35,7 @@ def losses(out):
 
 def test_overfits_a_handful_of_samples(tiny, shapes_json, tmp_path, monkeypatch):
     # LLaVA's stage 2 with full fine-tuning: the projector and the whole (tiny) LM train
-    g = train(monkeypatch, *base_args(tiny, shapes_json, tmp_path, max_iters=100, eval_interval=100, lora_r=0,
+    g = train(monkeypatch, *base_args(tiny, shapes_json, tmp_path, max_iters=100, eval_interval=100, peft='', lora_r=None,
                                       trainable="('fusion.','lm.')", learning_rate=3e-3, warmup_ratio=0.1,
                                       final_eval=True, max_new_tokens=4))
     ls = losses(tmp_path)
@@ -135,11 +135,11 @@ def test_llava_sqa_config_takes_two_steps(tiny, sqa_root, tmp_path, monkeypatch)
 
 
 class OnlyArchKeys(dict):
-    """A config that fails on any key outside fusion.ARCH_KEYS (the keys a resumed run restores)."""
+    """A config that fails on any key outside fusion.arch_keys (the keys a resumed run restores)."""
 
     def __getitem__(self, k):
-        from fusion import ARCH_KEYS
-        assert k in ARCH_KEYS, f"build_vlm reads {k!r}, which is not in fusion.ARCH_KEYS"
+        from fusion import arch_keys
+        assert k in arch_keys(dict(self)), f"build_vlm reads {k!r}, which is not in fusion.arch_keys"
         return super().__getitem__(k)
 
     def get(self, k, default=None):
@@ -148,15 +148,15 @@ class OnlyArchKeys(dict):
 
 @pytest.mark.parametrize('fusion', ['llava', 'qformer', 'flamingo', 'mmca', 'adem', 'lavin'])
 def test_build_vlm_reads_only_arch_keys(tiny, fusion):
-    """Every fusion builds from ARCH_KEYS alone, so resuming restores the whole architecture."""
-    from fusion import ARCH_KEYS, FUSIONS, build_vlm
+    """Every fusion builds from arch_keys alone, so resuming restores the whole architecture."""
+    from fusion import FUSIONS, arch_keys, build_vlm
     assert fusion in FUSIONS
     cfg = OnlyArchKeys(
         init_vision=tiny['clip'], init_lm=tiny['lm'], fusion=fusion, vision_layer=-1, vision_norm=False,
-        vision_feature='patch', lora_r=2, lora_alpha=4, lora_dropout=0.0, lora_targets=('q', 'v'),
-        trainable=('fusion.', '.pre.', 'lora_'), qformer_init='', qformer_dim=32, qformer_layers=2, qformer_heads=4,
-        qformer_queries=4, cross_attn_every_n_layers=1, mmca_attention=True, adem_scales=(16, 4), adem_hidden=8,
-        adem_beta=0.01, adem_alpha=0.1, adem_drop_ratio=0.1, adem_adapter_dim=4, router_temperature=10.0)
-    assert set(cfg) == set(ARCH_KEYS)
+        vision_feature='patch', peft='lora', lora_r=2, lora_alpha=4, lora_dropout=0.0, lora_targets=('q', 'v'),
+        trainable=(), qformer_init='', qformer_dim=32, qformer_layers=2, qformer_heads=4,
+        qformer_queries=4, flamingo_every=1, mmca_attention=True, adem_scales=(16, 4), adem_hidden=8,
+        adem_beta=0.01, adem_alpha=0.1, adem_drop_ratio=0.1, adem_adapter_dim=4, lavin_temperature=10.0)
+    assert set(arch_keys(cfg)) == {k for k in cfg if not k.startswith(tuple(f + '_' for f in FUSIONS if f != fusion))}
     model = build_vlm(cfg)
     assert any(p.requires_grad for p in model.fusion.parameters())
