@@ -1,12 +1,24 @@
 """
-Fusion methods: how visual features reach the language model. One self-contained section each.
+Fusion methods: how visual features reach the language model. One section each, opened by its paper, its
+reference code, a diagram or the equations and what trains, and closed by its deviations from the reference
+code; `build_vlm(config)` at the bottom is the one place a config line picks a method.
 
-Every fusion is an nn.Module called as `fusion(feats, has_image=, ids=)` on the vision tower's output
-feats (B, N, Dv) (has_image (B,) bool, ids (B, T) the input ids) and returning (tokens, media):
-  - tokens (B, n_tokens, d_lm) or None: spliced into the token embeddings at the IMAGE_TOKEN
-    placeholders (the data expands each '<image>' into `n_tokens(N)` placeholders);
-  - media: a dict the modules the fusion placed in the decoder's seams read from ctx.media.
-`build_vlm(config)` at the bottom is the one place a config line picks a method.
+The hooks a fusion may use (model.py knows nothing else about fusion methods):
+  fusion(feats, has_image=, ids=) -> (tokens, media)    VLM.embed calls it on the tower's output feats
+      (B, N, Dv) ((B*M, N, Dv) with M images per sample), has_image (B,) bool, ids (B, T) the input ids.
+      tokens (B, n, d) or None: spliced into the token embeddings at the IMAGE_TOKEN placeholders;
+      media: a dict every decoder block reads as ctx.media, at every generation step too.
+  fusion.n_tokens(N)                  placeholders per image: the data expands each '<image>' into them
+  fusion.trainable                    parameter-name patterns that train by default (build_vlm)
+  fusion.image_features(vision, px)   optional: reads the tower its own way (LaVIN: the CLS of several blocks)
+  fusion.prefix(has_image)            optional: (B, P, d) embeddings before every row (LaVIN's modality token)
+  fusion.runs_without_images = True   optional: also called, with feats=None, for text-only batches (ADEM-VL)
+  fusion.decay_patterns               optional: the parameter names weight decay applies to (Flamingo)
+  decoder Block seams (model.py)      pre: x <- f(x, ctx) before the layer (Flamingo); attn_in: a <- f(a, ctx)
+                                      on the normed attention input (LaVIN); ffn_side: out += f(h, ctx) beside
+                                      the FFN (ADEM-VL); attn.__class__: a subclass overriding `attend` (MMCA, LaVIN)
+  ViTBlock seams (model.py)           attn_in: a <- f(a) (LaVIN); adapters: x += f(h) beside the MLP (ADEM-VL)
+Empty seams add no parameters, no state-dict keys and no cost: the plain tower and LM load HF weights unchanged.
 """
 
 import math
@@ -25,38 +37,54 @@ import peft
 # llava/model/multimodal_encoder/clip_encoder.py (select_layer -2, select_feature 'patch').
 
 
-class LLaVAProjector(nn.Module):
-    """Linear(Dv -> d) -> GELU -> Linear(d -> d) on every selected token. `select` is LLaVA's
-    select_feature: 'patch' drops the CLS token (LLaVA-1.5's default), 'cls_patch' keeps it; 'cls' (ours)
-    keeps only the CLS token, one visual token per image for tight compute budgets. Default PyTorch init,
-    as LLaVA. Stage 1 trains only this module on captions (lr 1e-3, batch 256); stage 2 trains it with
-    the LM (full, lr 2e-5, or LoRA r 128 / alpha 256, lr 2e-4) on instructions. With CLIP ViT-L/14-336
-    at layer -2 and 'patch': 576 tokens of width d."""
+class SelectedTokens(nn.Module):
+    """What LLaVA's and DS-VisualChat's projectors share: they map selected tower tokens one to one. `select`
+    is LLaVA's select_feature (vision_feature): 'patch' drops the CLS token, 'cls_patch' keeps every token,
+    'cls' (ours) keeps only the CLS token, one visual token per image for tight compute budgets."""
 
     trainable = ('fusion.',)  # parameter-name patterns that train by default (build_vlm)
 
-    def __init__(self, vis_dim, lm_dim, *, select='patch'):
+    def __init__(self, select):
         super().__init__()
         if select not in ('patch', 'cls_patch', 'cls'):
             raise ValueError(f"vision_feature must be 'patch', 'cls_patch' or 'cls', not {select!r}")
         self.select = select
-        self.fc1 = nn.Linear(vis_dim, lm_dim)
-        self.fc2 = nn.Linear(lm_dim, lm_dim)
 
     def n_tokens(self, n_vis):
         return {'patch': n_vis - 1, 'cls_patch': n_vis, 'cls': 1}[self.select]
 
+    def selected(self, feats):
+        return {'patch': feats[:, 1:], 'cls_patch': feats, 'cls': feats[:, :1]}[self.select]  # (B, n, Dv)
+
+
+class LLaVAProjector(SelectedTokens):
+    """Linear(Dv -> d) -> GELU -> Linear(d -> d) on every selected token, PyTorch's default init as LLaVA. Stage 1
+    trains only this module on captions (lr 1e-3, batch 256); stage 2 trains it with the LM (full, lr 2e-5, or
+    LoRA r 128 / alpha 256, lr 2e-4) on instructions. CLIP ViT-L/14-336 at layer -2, 'patch': 576 tokens."""
+
+    def __init__(self, vis_dim, lm_dim, *, select='patch'):
+        super().__init__(select)
+        self.fc1 = nn.Linear(vis_dim, lm_dim)
+        self.fc2 = nn.Linear(lm_dim, lm_dim)
+
     def forward(self, feats, *, has_image=None, ids=None):
-        x = {'patch': feats[:, 1:], 'cls_patch': feats, 'cls': feats[:, :1]}[self.select]  # (B, n, Dv)
-        return self.fc2(F.gelu(self.fc1(x))), {}
+        return self.fc2(F.gelu(self.fc1(self.selected(feats)))), {}
+
+# Deviations from the reference code: select='cls' (the CLS token alone) is ours, for CPU budgets.
 
 # -----------------------------------------------------------------------------
 # BLIP-2 Q-Former, and MiniGPT-4 (the same Q-Former, frozen, with one trainable projection)
-# Li et al. 2023, "BLIP-2: Bootstrapping Language-Image Pre-training with Frozen Image Encoders and Large
-# Language Models" (arXiv 2301.12597). Reference: salesforce/LAVIS lavis/models/blip2_models/blip2.py
-# (init_Qformer, ln_vision), Qformer.py (BertLayer: crossattention, intermediate_query / output_query),
-# blip2_opt.py (stage 2); parity reference: transformers models/blip_2/modeling_blip_2.py (Blip2QFormerModel).
-# Zhu et al. 2023, "MiniGPT-4" (arXiv 2304.10592). Reference: Vision-CAIR/MiniGPT-4 minigpt4/models/mini_gpt4.py.
+# Li et al. 2023, "BLIP-2" (arXiv 2301.12597). Reference: salesforce/LAVIS lavis/models/blip2_models/blip2.py
+# (init_Qformer, ln_vision), Qformer.py (BertLayer), blip2_opt.py (stage 2); parity reference: transformers
+# models/blip_2/modeling_blip_2.py (Blip2QFormerModel). Zhu et al. 2023, "MiniGPT-4" (arXiv 2304.10592):
+# Vision-CAIR/MiniGPT-4 minigpt4/models/mini_gpt4.py.
+#
+#   tower feats (B, N, Dv) ──ln_vision──► keys / values ─────────┐ (every 2nd layer)
+#   32 learned queries ─LN─► [self-attn ─► cross-attn ─► FFN] x 12 ─► proj ─► (B, 32, d) at the "<image>" slots
+#
+# Trains (QFormerFusion.trainable): ln_vision, the queries, the Q-Former and proj (BLIP-2 stage 2). MiniGPT-4:
+# a pretrained BLIP-2 Q-Former (qformer_init) stays frozen and only proj trains (trainable=('fusion.proj.',)).
+# Config: fusion='qformer', qformer_init / _dim / _layers / _heads / _queries; config/blip2_coco.py, minigpt4_coco.py.
 
 
 class QFormerAttention(nn.Module):
@@ -104,13 +132,11 @@ class QFormerLayer(nn.Module):
 
 
 class QFormer(nn.Module):
-    """The query path of BLIP-2's Querying Transformer: `n_queries` learned queries (1, Q, dim), init
-    N(0, 0.02^2), through a LayerNorm (LAVIS: BertEmbeddings.LayerNorm, applied to the query embeddings when
-    no text is given; HF: qformer.layernorm) and `n_layers` BERT layers; layer i cross-attends to the image
-    iff i % cross_attention_freq == 0 (0, 2, ..., 10 in BLIP-2). BERT-base sizes by default (768 wide, 12
-    heads, FFN 3072, GELU, LayerNorm eps 1e-12, dropout 0.1 on attention weights and sub-layer outputs).
-    Dropout is active only while some Q-Former parameter trains: a frozen Q-Former (MiniGPT-4) runs as in
-    eval mode, as MiniGPT-4's `disabled_train` keeps it. (B, N, vis_dim) image -> (B, Q, dim)."""
+    """The query path of BLIP-2's Querying Transformer: `n_queries` learned queries (1, Q, dim) through a
+    LayerNorm (LAVIS BertEmbeddings.LayerNorm, HF qformer.layernorm) and `n_layers` BERT layers; layer i
+    cross-attends to the image iff i % cross_attention_freq == 0. BERT-base sizes by default (768 wide, 12
+    heads, FFN 3072, GELU, eps 1e-12, dropout 0.1). Dropout is active only while some Q-Former parameter
+    trains (MiniGPT-4's `disabled_train` keeps a frozen one in eval mode). (B, N, vis_dim) -> (B, Q, dim)."""
 
     def __init__(self, vis_dim, *, dim=768, n_layers=12, n_heads=12, n_queries=32, mlp_dim=None,
                  cross_attention_freq=2, eps=1e-12, dropout=0.1):
@@ -127,9 +153,7 @@ class QFormer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """BERT's init (Linear weights and the queries N(0, 0.02^2), biases 0, LayerNorms 1 / 0). LAVIS starts
-        the self-attention and FFN from bert-base-uncased and trains stage 1 before stage 2; here a Q-Former
-        without qformer_init starts from this init instead (see QFormerFusion)."""
+        """BERT's init: Linear weights and the queries N(0, 0.02^2), biases 0, LayerNorms 1 / 0."""
         nn.init.normal_(self.query, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -150,23 +174,10 @@ class QFormer(nn.Module):
 
 
 class QFormerFusion(nn.Module):
-    """BLIP-2 stage 2 (LAVIS blip2_opt.py): tower features -> ln_vision (a trainable LayerNorm; LAVIS puts it
-    on EVA ViT-g's 39th of 40 blocks) -> Q-Former -> Linear(dim -> d_LM) (LAVIS opt_proj / t5_proj, HF
-    language_projection, PyTorch's default init) -> Q tokens that replace the Q "<image>" placeholders.
-    BLIP-2 prepends them to the text ([queries][BOS] caption), which is this with a prompt that starts with
-    "<image>", up to the BOS (here [BOS][queries] ...). The Q-Former reads every token the tower gives (CLS
-    included, as BLIP-2's 257; `vision_feature` does not apply); the BLIP-2 recipe takes CLIP ViT-L/14 at
-    vision_layer -2 without the final norm, LAVIS's clip_L (23 of 24 blocks) + ln_vision.
-    - BLIP-2 stage 2 trains all of this module (ln_vision, queries, Q-Former, proj); tower and LLM frozen.
-    - MiniGPT-4 (mini_gpt4.py): a pretrained BLIP-2 Q-Former, its queries and ln_vision frozen (loaded from
-      LAVIS's blip2_pretrained_flant5xxl.pth, HF Salesforce/blip2-flan-t5-xxl), and only `proj` trains
-      (llama_proj: Q-Former output 768 -> LLaMA width; 3.1M parameters for a 4096-wide LLM).
-    Left out: the Q-Former's text branch (word / position embeddings, the text FFN `intermediate` / `output`,
-    the MLM head) and the stage-1 losses that use it (ITC, ITM, ITG). Stage 2 and MiniGPT-4 never give text
-    to the Q-Former (blip2_opt.py and mini_gpt4.py set those modules to None), and stage 1 needs BERT's
-    tokenizer and large-batch contrastive training; start from a stage-1 Q-Former with load_blip2 instead
-    (HF Salesforce/blip2-itm-vit-g is BLIP-2's stage-1 model). Without one, the Q-Former starts from BERT's
-    random init, not from bert-base + stage 1: expect it to need more data than BLIP-2's stage 2."""
+    """BLIP-2 stage 2 (LAVIS blip2_opt.py): ln_vision (a LayerNorm; LAVIS puts it on EVA ViT-g's 39th of 40
+    blocks) -> Q-Former -> Linear(dim -> d_LM) (LAVIS opt_proj, HF language_projection; PyTorch's default init).
+    It reads every token the tower gives (CLS included, BLIP-2's 257; `vision_feature` does not apply); the
+    BLIP-2 recipe takes CLIP ViT-L/14 at vision_layer -2 without the final norm (LAVIS's clip_L)."""
 
     trainable = ('fusion.',)  # ln_vision, queries, Q-Former, proj (MiniGPT-4 deviates: trainable=('fusion.proj.',))
 
@@ -184,19 +195,23 @@ class QFormerFusion(nn.Module):
     def forward(self, feats, *, has_image=None, ids=None):
         return self.proj(self.qformer(self.ln_vision(feats))), {}  # (B, N, Dv) -> (B, Q, d_LM)
 
+# Deviations from the reference code
+# - Left out: the Q-Former's text branch (word / position embeddings, the text FFN, the MLM head) and the
+#   stage-1 losses that use it (ITC, ITM, ITG); stage 2 and MiniGPT-4 never give it text (blip2_opt.py and
+#   mini_gpt4.py set those modules to None). Without qformer_init the Q-Former starts from BERT's init, not
+#   bert-base + stage 1 (Salesforce/blip2-itm-vit-g is BLIP-2's stage-1 model): it needs more data.
+# - The queries come after BOS ([BOS][queries] prompt); BLIP-2 prepends them ([queries][BOS] caption).
+# - Every public BLIP-2 Q-Former cross-attends to 1408-wide EVA ViT-g features, a tower model.py lacks: it
+#   loads only onto a tower of that width (OpenCLIP ViT-g/14 fits the shapes, not the features), as a start
+#   to train rather than a frozen drop-in.
 
-# Loading a pretrained Q-Former from a Hugging Face Blip2 checkpoint (Blip2ForConditionalGeneration,
-# Blip2Model, Blip2ForImageTextRetrieval). HF's conversion script (models/blip_2/convert_blip_2_original_to_pytorch.py)
-# renames LAVIS's ln_vision to vision_model.post_layernorm and Qformer.bert.embeddings.LayerNorm to
-# qformer.layernorm. Widths: the cross-attention keys / values and ln_vision are as wide as the checkpoint's
-# tower, 1408 (EVA ViT-g/14) in every public BLIP-2, which our ViT does not implement. So a BLIP-2 Q-Former
-# loads on a tower of that width only: CLIP ViT-L/14 (1024), DINOv2 and SigLIP towers cannot take it (the error
-# says so); OpenCLIP ViT-g/14 (laion/CLIP-ViT-g-14-laion2B-s12B-b42K: 1408 wide, 40 blocks, 257 tokens at 224 px)
-# fits every shape, but its features are not EVA-CLIP's, so the loaded Q-Former is a starting point to train
-# (the BLIP-2 recipe), not a frozen drop-in (MiniGPT-4's recipe assumes the EVA tower). language_projection maps
-# into OPT's / FlanT5's embeddings, never into one of our LLMs, so build_vlm leaves it out (projection=False).
-# A hub id downloads the whole checkpoint (LLM included); a folder with config.json and a safetensors file that
-# holds only query_tokens, qformer.* and vision_model.post_layernorm.* is enough.
+# -----------------------------------------------------------------------------
+# BLIP-2 Q-Former weights, from a HF Blip2 checkpoint (Blip2ForConditionalGeneration, Blip2Model,
+# Blip2ForImageTextRetrieval). HF's conversion renamed LAVIS's ln_vision to vision_model.post_layernorm and
+# Qformer.bert.embeddings.LayerNorm to qformer.layernorm. language_projection maps into OPT's / FlanT5's
+# embeddings, never into one of our LLMs, so it is left out (projection=False). A hub id downloads the whole
+# checkpoint; a folder with config.json and a safetensors file holding query_tokens, qformer.* and
+# vision_model.post_layernorm.* is enough.
 
 BLIP2_IGNORE = ('vision_model.', 'language_model.', 'embeddings.', 'vision_projection.', 'text_projection.', 'itm_head.')
 
@@ -269,65 +284,10 @@ def build_qformer(vis_dim, lm_dim, *, init='', dim=768, layers=12, heads=12, que
     return load_blip2(QFormerFusion(lm_dim=lm_dim, **kw), init)
 
 # -----------------------------------------------------------------------------
-# Flamingo: Perceiver Resampler + gated cross-attention dense blocks
-# Alayrac et al. 2022, "Flamingo: a Visual Language Model for Few-Shot Learning" (arXiv 2204.14198), as
-# OpenFlamingo builds it (Awadalla et al. 2023, arXiv 2308.01390). Reference: mlfoundations/open_flamingo
-# open_flamingo/src/helpers.py (PerceiverResampler, MaskedCrossAttention, GatedCrossAttentionBlock),
-# src/flamingo.py and src/flamingo_lm.py (media locations, cached media during generation, where the blocks go),
-# src/factory.py (special tokens, what trains), train/data.py and train/train_utils.py (text format, labels,
-# gradient masking, weight decay); lucidrains/flamingo-pytorch flamingo_pytorch.py for comparison.
-#
-#   each image ──ViT──► patch tokens (N, Dv) ──PerceiverResampler──► latents (64, Dv)
-#                                                                           │ k, v
-#   text x ──► [GatedCrossAttentionBlock: x += tanh(a_attn) XAttn(LN(x), latents of the latest <image>)
-#                                          x += tanh(a_ff) FF(x)]  ──► LM layer ──► ...
-#              (in blk.pre of every n-th layer; the LM, the tower and the pretrained vocabulary stay frozen)
-#
-# Tokens and the vocabulary. OpenFlamingo adds "<image>" and "<|endofchunk|>" to the tokenizer and resizes the
-# embeddings; its text reads "<image>caption<|endofchunk|>" (LAION) or "text<image>sentence<|endofchunk|>
-# <image>sentence<|endofchunk|>" (MMC4). Here the pretrained vocabulary stays as it is (model.py loads HF
-# weights unchanged):
-# - "<image>" is one IMAGE_TOKEN slot per image (n_tokens = 1) that VLM.embed fills with a learned vector,
-#   `Flamingo.image_embed` (init N(0, 0.02): what HF's resize_token_embeddings gave OpenFlamingo's new rows). The
-#   image itself reaches the LM only through cross-attention, never as input tokens.
-# - "<|endofchunk|>" is the LM's own eos (data.py maps the string to tok.eos_id). It has to be an existing
-#   row: it is a label (the model learns to end a chunk) and generation stops on it, and only tokens in the
-#   vocabulary can be predicted without resizing the head. eos already means "this text ends here, new text
-#   may follow", which is eoc's role, and eval.py already stops generating on it.
-# - What trains mirrors OpenFlamingo's gradient masking (all input-embedding rows trainable, gradients zeroed
-#   except for the two new rows): our one new row, image_embed, is a parameter of its own, so the LM's rows never
-#   change. Not trained here: eoc's input row (d numbers in OpenFlamingo), because that row is eos's and
-#   training it would change the frozen LM on text-only input.
-#
-# Media masking (only_attend_immediate_media=True, OpenFlamingo's and the paper's default): text_time =
-# cumsum(ids == <image>) along the row; a token attends only to the 64 latents of image number text_time (the
-# latest <image> at or before it, itself included); tokens before the first <image> get a zero attention output
-# (OpenFlamingo zeroes their attention weights after the softmax; the output projection has no bias, so the
-# result is 0). The media index is computed once per forward from `ids` (the fusion's forward) and kept in
-# media; in KV-cache decode steps the new tokens carry no <image> and attend to the row's last image
-# (flamingo_lm.py: use_cached_media). Rows or batches without any image: the cross-attention adds nothing, the
-# gated FF still runs, exactly as for OpenFlamingo's tokens before the first image.
-#
-# Differences from the paper / lucidrains, following OpenFlamingo: no media-time (or frame) embeddings in the
-# resampler (OpenFlamingo passes max_num_media=None, so images are told apart only by the masking; lucidrains
-# adds learned media position embeddings, the paper temporal ones for video frames); one vision-width latent
-# space with no projection before the resampler; the gated blocks run *before* layers idx with
-# (idx + 1) % n == 0 (lucidrains: after layers with idx % n == 0). Vision features: the last layer's patch
-# tokens without the CLS token (open_clip's output_tokens; the open_clip of OpenFlamingo's time returned them
-# before ln_post: vision_layer=-1, vision_norm=False).
-# Not implemented: attending to all previous images (only_attend_immediate_media=False), v1's
-# use_media_placement_augmentation, video frames. Weight decay: OpenFlamingo decays only the gated
-# cross-attention blocks (gates and norms included), not the resampler nor the embeddings; `decay_patterns`
-# tells train.py so.
-#
-# Several images per sample (model.VLM): the fusion gets feats (B*M, N, Dv) with has_image (B*M,), M =
-# feats.shape[0] // ids.shape[0]; the k-th "<image>" of a row goes with the row's k-th present image.
-#
-# Trainable parameters (computed from the shapes), CLIP ViT-L/14 (Dv 1024) + LLaMA-7B (d 4096, 32 layers),
-# n = 4 (OpenFlamingo-9B): resampler 63,019,008 + 8 gated blocks x 139,476,994 + image_embed 4,096 =
-# 1,178,839,056 (tests/test_fusion_flamingo.py). OpenFlamingo's factory prints 1,309,919,248 for the same
-# shapes: it counts the whole input-embedding matrix (32,003 rows x 4096 with <image>, eoc and <PAD>) as
-# trainable and masks the gradients of all but two rows.
+# Perceiver Resampler (Flamingo's; Jaegle et al. 2021's Perceiver cross-attention with learned latents)
+# Reference: mlfoundations/open_flamingo src/helpers.py (PerceiverResampler, PerceiverAttention, FeedForward);
+# parity reference: transformers models/idefics/perceiver.py (IdeficsPerceiverResampler).
+#   any number of image tokens (B, N, D) ──[latents += Attn(media, latents); latents += FF] x depth──► (B, 64, D)
 
 
 class FeedForward(nn.Module):
@@ -389,6 +349,24 @@ class PerceiverResampler(nn.Module):
         return self.norm(latents)
 
 
+# -----------------------------------------------------------------------------
+# Flamingo: Perceiver Resampler + gated cross-attention dense blocks
+# Alayrac et al. 2022 (arXiv 2204.14198), as OpenFlamingo builds it (Awadalla et al. 2023, arXiv 2308.01390).
+# Reference: mlfoundations/open_flamingo src/helpers.py (PerceiverResampler, MaskedCrossAttention,
+# GatedCrossAttentionBlock), src/flamingo.py + src/flamingo_lm.py (media locations, cached media in
+# generation, block placement), src/factory.py, train/train_utils.py (what trains, weight decay).
+#
+#   each image ──ViT──► patch tokens (N, Dv) ──PerceiverResampler──► latents (64, Dv)
+#                                                                           │ k, v
+#   text x ──► [GatedCrossAttentionBlock: x += tanh(a_attn) XAttn(LN(x), latents of the latest <image>)
+#                                          x += tanh(a_ff) FF(x)]  ──► LM layer ──► ...
+#   in the `pre` seam of every n-th LM layer (flamingo_every); "<image>" is one slot per image, and a token
+#   sees the latents of the latest <image> at or before it (none before the first: output 0).
+#
+# Trains (Flamingo.trainable): the resampler, the learned "<image>" embedding and the gated blocks, whose gates
+# start at 0 (the frozen LM is unchanged at step 0). Recipe: config/flamingo_coco.py.
+
+
 class MaskedCrossAttention(nn.Module):
     """Text queries (d -> heads x dim_head) attend to the latents of one image each (Dv -> k, v), no biases.
     `image` (B, T) says which image of the row each token sees (-1: none, output 0)."""
@@ -446,11 +424,11 @@ class GatedCrossAttentionBlock(nn.Module):
 
 class Flamingo(nn.Module):
     """The input side of Flamingo: resample every image to `num_latents` tokens and tell each text token which
-    image it may see. Returns (tokens, media): tokens (B*M, 1, d) the learned "<image>" embedding for the
-    IMAGE_TOKEN slots; media = {'flamingo_latents': (B, M, n, Dv) the row's images in order,
-    'flamingo_image': (B, T) the image index of every token (-1 before the first), 'flamingo_last': (B,)}.
-    The gated blocks that read media are made by `add_gated_cross_attention`. drop_cls: the tower has a CLS
-    token that is not a patch (CLIP, DINOv2)."""
+    image it may see (text_time = cumsum(ids == <image>) along the row, minus 1). Returns (tokens, media): tokens
+    (B*M, 1, d) the learned "<image>" embedding for the IMAGE_TOKEN slots; media = {'flamingo_latents': (B, M,
+    n, Dv) the row's images in order, 'flamingo_image': (B, T) each token's image (-1 before the first),
+    'flamingo_last': (B,) for decode steps}. The k-th "<image>" of a row goes with its k-th present image.
+    drop_cls: the tower has a CLS token that is not a patch (CLIP, DINOv2): patch tokens only, as open_clip's."""
 
     trainable = ('fusion.', '.pre.')  # the resampler, the <image> embedding, the gated blocks in lm.blocks.*.pre
     decay_patterns = ('.pre.',)  # train.py: weight decay on the gated cross-attention blocks only (OpenFlamingo)
@@ -512,42 +490,45 @@ def add_gated_cross_attention(lm, vis_dim, *, every=1, **kw):
             n += 1
     return n
 
+# Deviations from the reference code
+# - The vocabulary is not resized. OpenFlamingo adds "<image>" and "<|endofchunk|>" rows to the embeddings; here
+#   "<image>" is one IMAGE_TOKEN slot filled with `image_embed` (init N(0, 0.02), what resize_token_embeddings
+#   gave OpenFlamingo's new row) and "<|endofchunk|>" is the LM's own eos (data.py), whose input row stays frozen
+#   (OpenFlamingo trains it), so the LM is unchanged on text-only input.
+# - Not implemented: attending to all previous images (only_attend_immediate_media=False), v1's media-placement
+#   augmentation, video frames. Like OpenFlamingo (max_num_media=None) and unlike the paper, no media-time
+#   embeddings; the gated blocks go before layers with (idx + 1) % n == 0 (lucidrains': after idx % n == 0).
+
 # -----------------------------------------------------------------------------
 # DeepSpeed-VisualChat: a Linear + LayerNorm projection, and multi-modal causal attention (MMCA)
-# Yao et al. 2023, "DeepSpeed-VisualChat: Multi-Round Multi-Image Interleave Chat via Multi-Modal Causal
-# Attention" (arXiv 2309.14327). Reference: microsoft/DeepSpeedExamples applications/DeepSpeed-VisualChat/
-# utils/model/modeling_dsvl.py (build_projection 'baseline', concat), utils/model/third_party_model/hf_model/
-# modeling_llama.py (_expand_mask with enable_mmca_attention, LlamaAttention.forward), training/main.py and
+# Yao et al. 2023, "DeepSpeed-VisualChat" (arXiv 2309.14327). Reference: microsoft/DeepSpeedExamples
+# applications/DeepSpeed-VisualChat/utils/model/modeling_dsvl.py (build_projection 'baseline'),
+# utils/model/third_party_model/hf_model/modeling_llama.py (_expand_mask with enable_mmca_attention),
 # training/training_scripts/run_7b.sh (hyperparameters: config/mmca_llava.py).
+#
+#   visual tokens: Linear + LayerNorm, spliced at the "<image>" slots as in LLaVA; in every LM layer, with the
+#   layer's own q, k, v, o (no new parameters) and S = q k^T / sqrt(hd):
+#       out = softmax(S + M_img) V + softmax(S + M_txt) V        (total weight 2 on a row with both)
+#   M_img: earlier image keys (an image query: only itself); M_txt: earlier text keys.
+#
+# Trains (DSVLProjection.trainable): the projection; config/mmca_llava.py adds the LM's embeddings as the
+# official recipe. Config: fusion='mmca', mmca_attention (False: the projection with plain causal attention).
 
 
-class DSVLProjection(nn.Module):
-    """DeepSpeed-VisualChat's `vis_proj baseline`: Linear(Dv -> d) then LayerNorm(d, eps 1e-12) on every
-    visual token, default PyTorch init; the tokens replace the "<image>" placeholders as in LLaVA. The
-    official code feeds it CLIPVisionModel's last_hidden_state: every token (CLS + patches, 257 for
-    CLIP ViT-L/14 at 224) of the last layer, without CLIP's post-LayerNorm, i.e. vision_layer=-1,
-    vision_norm=False, select='cls_patch' here. (With QWen-VL's ViT-bigG the tower ends in its own
-    resampler, 256 tokens of width 4096; model.py has no such tower.) `select` as LLaVAProjector's.
-    The fusion also returns media['image_mask'] (B, T) = ids == IMAGE_TOKEN, the token types MMCAAttention
-    reads at every layer and every generation step."""
-
-    trainable = ('fusion.',)
+class DSVLProjection(SelectedTokens):
+    """DeepSpeed-VisualChat's `vis_proj baseline`: Linear(Dv -> d) then LayerNorm(d, eps 1e-12) on every visual
+    token, PyTorch's default init. The official code feeds it every token of CLIP's last layer without the
+    post-LayerNorm (vision_layer=-1, vision_norm=False, select='cls_patch'). It also returns
+    media['image_mask'] (B, T) = ids == IMAGE_TOKEN, the token types MMCAAttention reads at every step."""
 
     def __init__(self, vis_dim, lm_dim, *, select='cls_patch'):
-        super().__init__()
-        if select not in ('patch', 'cls_patch', 'cls'):
-            raise ValueError(f"vision_feature must be 'patch', 'cls_patch' or 'cls', not {select!r}")
-        self.select = select
+        super().__init__(select)
         self.proj = nn.Linear(vis_dim, lm_dim)
         self.norm = nn.LayerNorm(lm_dim, eps=1e-12)
 
-    def n_tokens(self, n_vis):
-        return {'patch': n_vis - 1, 'cls_patch': n_vis, 'cls': 1}[self.select]
-
     def forward(self, feats, *, has_image=None, ids=None):
-        x = {'patch': feats[:, 1:], 'cls_patch': feats, 'cls': feats[:, :1]}[self.select]  # (B, n, Dv)
         media = {} if ids is None else {'image_mask': ids == IMAGE_TOKEN}  # (B, T) bool
-        return self.norm(self.proj(x)), media
+        return self.norm(self.proj(self.selected(feats))), media
 
 
 def mmca_masks(is_image, n_queries, mask=None):
@@ -571,34 +552,12 @@ def mmca_masks(is_image, n_queries, mask=None):
 
 
 class MMCAAttention(Attention):
-    """Multi-modal causal attention: the block's own q/k/v/o and RoPE (no new parameters), scores S =
-    q k^T / sqrt(hd) normalised twice, over image keys and over text keys separately, and summed:
-
-        out = softmax(S + M_img) V + softmax(S + M_txt) V          (total weight 2 on a row with both)
-
-    A text token attends causally to earlier text and, in a second distribution, to earlier image tokens;
-    an image token attends to itself (M_img) and to the text before it (M_txt). Built by swapping each
-    block's Attention class (`use_mmca`): the state-dict keys and the plain LM's weights are unchanged.
-    Token types come from media['image_mask'], set once at the full forward / prefill; positions past it
-    (generated tokens, read through the KV cache) are text. Without image_mask (a batch with no images)
-    this is the plain causal attention, which is also what the formula gives there (see (b)).
-
-    Two edge cases of the official code (modeling_llama.py _expand_mask / _prepare_decoder_attention_mask):
-    (a) image-token rows see the earlier text through M_txt; the paper's picture has image tokens attend
-        only to themselves. Followed: it is what the released models were trained with.
-    (b) a row with no admissible key in one mask (text before the first image in M_img; an image row with
-        no text before it in M_txt; every row of M_img in a text-only sample) is left to finfo.min
-        arithmetic there: causal mask and type mask are added, so the row's past keys of the wrong type
-        and its FUTURE keys of the right type both sit at exactly finfo.min (the rest at -inf), and the
-        softmax spreads a uniform weight over them. DEVIATION: we give such a distribution zero weight
-        (the row keeps only the other distribution). Reasons: the official row mixes in future tokens
-        (the system prompt sees the image after it; an image first in a sequence would see the answer
-        text), its value depends on the padding to its left (a left-padded row differs from the row
-        alone), and with no image at all it adds the running mean of V to every text token instead of
-        reducing to the plain LM. Rows where both masks admit a key match the official code exactly
-        (tests/test_fusion_mmca.py checks both statements against a re-computation of its arithmetic).
-    Implementation: SDPA twice with boolean masks (GQA through enable_gqa); an empty row is given every
-    key (so the kernel never sees an all-masked row) and then zeroed."""
+    """Multi-modal causal attention (the equation above), built by swapping each block's Attention class
+    (`use_mmca`): same parameters and state-dict keys. Token types come from media['image_mask'], set at the
+    full forward / prefill; positions past it (generated tokens, read through the KV cache) are text. Without
+    image_mask (a batch with no images) this is plain causal attention. SDPA twice with boolean masks (GQA
+    through enable_gqa); a row with no admissible key in one mask is given every key (so the kernel never sees
+    an all-masked row) and then zeroed: that distribution gets weight 0 (see the deviations below)."""
 
     def attend(self, q, k, v, ctx):
         is_image = ctx.media.get('image_mask')
@@ -628,36 +587,31 @@ def attach_mmca(vision, lm, *, select='cls_patch', attention=True):
         use_mmca(lm)
     return DSVLProjection(vision.cfg.dim, lm.cfg.dim, select=select)
 
-# ADEM-VL: parameter-free cross-attention in parallel with every FFN, multiscale visual prompts,
-# adaptive fusion. Hao et al. 2024, "ADEM-VL: Adaptive and Embedded Fusion for Efficient Vision-Language
-# Tuning" (arXiv 2410.17779). Reference code: Hao840/ADEM-VL adem/model.py (Avg2dSampler, Projector,
-# Transformer.forward / insert_image_embeds), adem/adapter.py (Adapter, forward_llama, forward_clip),
-# adem/build.py (what trains), clip/model.py (the tower stops at the penultimate block, ln_post on every
-# token, no proj). What follows is what that code computes, quirks included (the drop also runs at
-# inference; text-only samples still get e1 / e2; the CLIP adapters' 0.1 is hard-coded).
+# Deviations from the reference code
+# - A row with no admissible key in one mask (text before the first image in M_img, an image row with no text
+#   before it in M_txt, every row of M_img in a text-only sample) gets zero weight from that distribution.
+#   The official code adds causal and type masks at finfo.min, so such a row spreads a uniform weight over its
+#   past keys of the wrong type and its FUTURE keys of the right type: the system prompt sees the image after
+#   it, the value depends on the left padding, and a text-only sample adds the running mean of V to every
+#   token instead of reducing to the plain LM. Rows where both masks admit a key match the official code
+#   exactly (tests/test_fusion_mmca.py checks both statements against a re-computation of its arithmetic).
+# - Followed, though the paper's figure differs: image rows also see the earlier text through M_txt.
+
+# -----------------------------------------------------------------------------
+# ADEM-VL: parameter-free cross-attention beside every FFN, multiscale visual prompts, adaptive fusion
+# Hao et al. 2024 (arXiv 2410.17779). Reference: Hao840/ADEM-VL adem/model.py (Avg2dSampler, Projector,
+# insert_image_embeds), adem/adapter.py (Adapter, forward_llama, forward_clip), adem/build.py (what trains).
 #
-#   CLIP ViT-L/14 (penultimate layer, ln_post)  F: (B, 1 + 256, 1024), with ADEMViTAdapters in its blocks
-#     |- F[:, 0]  (CLS) -> proj_cls -> one token spliced after "Image: " in the prompt (input level)
-#     '- F[:, 1:] -> 16x16 grid -> scales (256, 64): as is + avg-pooled to 8x8 -> (B, 320, 1024)
-#                 -> proj -> * beta * has_image = V (B, 320, d)
-#   keys SiLU(V + e1), values V + e2, computed once per forward and put in media; in every LM layer,
-#   in parallel with the FFN on its normed input X = ffn_norm(h):
-#     S = SiLU(X) keys^T                 (B, T, 320)   no heads, no 1/sqrt(d), no softmax
-#     S[S < the (floor(drop_ratio * 320) + 1)-th smallest of its row] = 0      ("adaptive fusion")
-#     out = h + FFN(X) + alpha * S values
+#   CLIP (penultimate layer, ln_post) F (B, 1 + 256, Dv), ADEMViTAdapters in its blocks
+#     |- F[:, 0] (CLS) -> proj_cls -> one token spliced after "Image: " in the prompt
+#     '- F[:, 1:] -> scales (256, 64): the 16x16 grid as is + avg-pooled to 8x8 -> proj -> * beta * has_image = V
+#   keys SiLU(V + e1), values V + e2 (media); in every LM layer, beside the FFN on X = ffn_norm(h):
+#     S = SiLU(X) keys^T  (B, T, 320; no heads, no 1/sqrt(d), no softmax); the floor(drop_ratio * 320) lowest
+#     of each row set to 0 ("adaptive fusion"); out = h + FFN(X) + alpha * S values
+#   A text-only sample has V = 0: keys SiLU(e1), values e2 = 0 at init, so the frozen LM is unchanged at step 0.
 #
-# A text-only sample has V = 0 (and no CLS slot: its prompt reads "Image: N/A"), so its keys are SiLU(e1)
-# and its values e2: zero at init, which leaves the frozen LM exactly unchanged for it at step 0; after
-# training e2 is not zero and the branch still acts on text-only samples.
-# The LM-side branch has no parameters: each block gets an ADEMCrossAttention in its `ffn_side` seam that
-# reads keys / values from ctx.media. With the KV cache nothing changes: a token's branch needs only that
-# token and V, and media reaches every decoding step.
-#
-# Trainable (every official parameter named '*adapter*'): proj, proj_cls, e1, e2 (fusion.*) and the CLIP
-# adapters (vision.blocks.*.adapters.*). With CLIP ViT-L/14 and LLaMA-7B: 2 x 320 x 4096 (e1, e2)
-# + 2 x 659,584 (proj, proj_cls) + 24 x 2 x 1024 x 12 (CLIP adapters) = 4,530,432 (tests/test_fusion_adem.py).
-# The 24th CLIP adapter is built but never runs (the tower stops at block 23), as in the official code,
-# whose count includes it.
+# Trains (ADEMFusion.trainable; every official '*adapter*'): proj, proj_cls, e1, e2 and the CLIP adapters.
+# Config: fusion='adem', adem_scales / _hidden / _beta / _alpha / _drop_ratio / _adapter_dim; config/adem_sqa.py.
 
 
 class LowRankProjector(nn.Module):
@@ -794,53 +748,25 @@ def attach_adem(vision, lm, *, scales=(256, 64), hidden=128, beta=0.01, alpha=0.
         blk.ffn_side.append(ADEMCrossAttention(alpha=alpha, drop_ratio=drop_ratio))
     return ADEMFusion(vision.cfg.dim, lm.cfg.dim, scales=scales, hidden=hidden, beta=beta)
 
+# Deviations from the reference code: none in the arithmetic; its quirks are kept (the drop also runs at
+# inference; text-only samples still get e1 / e2; the CLIP adapters' 0.1 is hard-coded; the last tower block's
+# adapter is built and counted but never runs, as the tower stops at the penultimate block).
+
 # -----------------------------------------------------------------------------
 # LaVIN: Mixture-of-Modality Adaptation (MMA)
-# Luo et al. 2023, "Cheap and Quick: Efficient Vision-Language Instruction Tuning for Large Language Models"
-# (arXiv 2305.15023). Reference: luogen1996/LaVIN lavin/mm_adapter.py (RepAdapter_Router, set_MMAdapter,
-# set_Clip_Adapter, forward_llama_attn_cache), lavin/model.py (AdapterMLP, modality token and its mask),
-# lavin/eval_model.py + lavin/generator.py (decoding), clip/model.py (the CLS of every 4th block),
-# lavin/mm_adaptation.py (what trains), scripts/finetuning_sqa_7b.sh (hyperparameters).
+# Luo et al. 2023, "Cheap and Quick" (arXiv 2305.15023). Reference: luogen1996/LaVIN lavin/mm_adapter.py
+# (RepAdapter_Router, set_MMAdapter, set_Clip_Adapter), lavin/model.py (AdapterMLP, the modality token and its
+# mask), lavin/eval_model.py (decoding), lavin/mm_adaptation.py (what trains), scripts/finetuning_sqa_7b.sh.
 #
 #   sequence:  [m] [BOS] "Image: " v1 .. v6 " Question: ... Response:" "The answer is B. BECAUSE: ..." [EOS]
-#              (text-only: [m] [BOS] "Image: N/A Question: ...")
-#   m   = modality token, Embedding(2, d)[has_image]. No other token attends to it (mask[:, :, 1:, 0] =
-#         -inf); it is there only for the routers to read its hidden state in every layer.
-#   v_k = AdapterMLP(CLS token of CLIP after block 4k), k = 1..6: no ln_post, no proj, 6 x 1024 -> 6 x d.
-#   every LLaMA block:  h = x + Attn(Router(attn_norm(x)))      (the FFN is unchanged)
-#   every CLIP block:   x = x + Attn(Router(ln_1(x)))
-#   Router(a) = a + s * (w0 * B(drop(A a)) + w1 * D(drop(A a))),   w = softmax(W_r a[:, 0] / t)
+#   m = Embedding(2, d)[has_image], which no other token attends to: the routers read its hidden state
+#   v_k = AdapterMLP(CLS token of CLIP after block 4k), k = 1..6 (no ln_post, no proj)
+#   every LLaMA block: h = x + Attn(Router(attn_norm(x)));  every CLIP block: x = x + Attn(Router(ln_1(x)))
+#   Router(a) = a + s * (w0 * B(drop(A a)) + w1 * D(drop(A a))),  w = softmax(W_r a[:, 0] / t)
+#   A: d -> 8; B, D: 8 -> d block-diagonal (2 groups), zero-initialised: every router starts as the identity
 #
-# A: d -> 8 (+bias; xavier weight, zero bias); B, D: 8 -> d block-diagonal with 2 groups (weights and biases
-# zero: every router starts as the identity); W_r: d -> 2 (+bias, default init); dropout 0.1; s = 1; t = 10.
-# Linear and purely additive: for fixed w a router folds into the next linear layer (RepAdapter).
-# Trainable (LaVIN: every name with 'adapter'): the routers and this fusion, trainable=('fusion.', 'attn_in.'):
-# 3,781,296 parameters with CLIP ViT-L/14 + LLaMA-7B. Config: fusion='lavin', router_temperature (t);
-# the recipe is config/lavin_sqa.py.
-#
-# What x[:, 0] is, following the code:
-# - LLaMA blocks run (batch, tokens, dim), so x[:, 0] is each row's first token: the (normed) modality token.
-#   Our batches are left-padded at generation, so the VLM puts the modality token before the padding
-#   (`LaVIN.prefix`, see model.VLM): column 0 is the modality token in every row, training and generation.
-#   The routing weights computed at the full forward / prefill are kept in ctx.media and reused at every
-#   decode step, as lavin/eval_model.py's cache_weights.
-# - CLIP blocks run in LND layout (tokens, batch, dim) in clip/model.py, so the same x[:, 0] there is the
-#   FIRST IMAGE OF THE BATCH, at each token position: every image is routed by the first image's tokens,
-#   position by position. We follow the code (LaVINTowerRouter). So an image's visual tokens depend on which
-#   image comes first in its batch (a text-only row carries a zero image, as in LaVIN), or with the feature
-#   cache (eval.py CLI) on the first image of its 64-image chunk. At init the routers are the identity.
-#
-# Differences from the code:
-# - Decoding: lavin/eval_model.py drops the modality token from the KV cache and numbers decode positions
-#   without it, so generated tokens sit one RoPE position closer to the prompt than in training. We keep
-#   the modality key in the cache (masked): KV-cache decoding equals the full forward, as in training.
-# - The 6 CLS tokens are taken after every (L // 6)-th block: blocks 4, 8, ..., 24 for ViT-L/14 exactly as
-#   the code's hard-coded (i + 1) % 4 == 0; other towers also give 6 (L when L < 6).
-# - The official code runs in fp16 (routing weights cast to half); we use the run's dtype / autocast.
-# - ScienceQA text: LaVIN SentencePiece-encodes "Image: ", the prompt and the answer separately; we tokenize
-#   the whole text in one call ('base' template with image_slot 'Image: <image>', no_image_slot 'Image: N/A ',
-#   which gives the same tokens on a legacy LLaMA tokenizer.json). A missing "The answer is X" counts wrong
-#   (LaVIN: random).
+# Trains (LaVIN.trainable; every official '*adapter*'): the routers, the projector, the modality embedding.
+# Config: fusion='lavin', lavin_temperature (t); the recipe is config/lavin_sqa.py.
 
 
 class GroupedLinear(nn.Module):
@@ -889,8 +815,10 @@ class RepAdapterRouter(nn.Module):
 
 
 class LaVINRouter(RepAdapterRouter):
-    """In a decoder block's `attn_in` seam: routed by the row's modality token (column 0, see above). The
-    full forward / prefill stores the weights in ctx.media under this layer's key; decode steps read them."""
+    """In a decoder block's `attn_in` seam: routed by a[:, 0], each row's first token, the (normed) modality
+    token: the VLM puts it before the left padding (`LaVIN.prefix`), so column 0 holds it in training and
+    generation. The full forward / prefill stores the weights in ctx.media under this layer's key; decode steps
+    reuse them (lavin/eval_model.py's cache_weights)."""
 
     def __init__(self, dim, *, layer, **kw):
         super().__init__(dim, **kw)
@@ -903,8 +831,11 @@ class LaVINRouter(RepAdapterRouter):
 
 
 class LaVINTowerRouter(RepAdapterRouter):
-    """In a ViT block's `attn_in` seam: routed, as clip/model.py's LND layout does, by the batch's first image
-    at each token position (the quirk described above)."""
+    """In a ViT block's `attn_in` seam. clip/model.py runs its blocks as (tokens, batch, dim), so the same
+    x[:, 0] is the FIRST IMAGE OF THE BATCH at each token position: every image is routed by the first image's
+    tokens, position by position. Followed: an image's visual tokens depend on which image comes first in its
+    batch (a text-only row carries a zero image, as in LaVIN), or with the feature cache on the first image of
+    its 64-image chunk. At init the routers are the identity."""
 
     def forward(self, a):
         return self.adapt(a, self.route(a[0])[None])  # a (B, N, Dv); weights (1, N, 2) from image 0
@@ -970,6 +901,17 @@ def attach_lavin(vision, lm, *, temperature=10.0, hidden=8, scale=1.0):
         blk.attn_in.append(LaVINRouter(lm.cfg.dim, layer=i, **kw).to(blk.attn_norm.weight))
         blk.attn.__class__ = LaVINAttention  # same parameters and state-dict keys
     return LaVIN(vision.cfg, lm.cfg.dim)
+
+# Deviations from the reference code
+# - Decoding: lavin/eval_model.py drops the modality token from the KV cache and numbers decode positions
+#   without it, so generated tokens sit one RoPE position closer to the prompt than in training. We keep the
+#   modality key in the cache (masked): KV-cache decoding equals the full forward, as in training.
+# - The 6 CLS tokens come after every (L // 6)-th block: blocks 4, 8, ..., 24 for ViT-L/14, exactly the code's
+#   hard-coded (i + 1) % 4 == 0; other towers also give 6 (L when L < 6).
+# - The official code runs in fp16 (routing weights cast to half); we use the run's dtype / autocast.
+# - ScienceQA text: LaVIN SentencePiece-encodes "Image: ", the prompt and the answer separately; we tokenize the
+#   whole text in one call (template 'base', image_slot 'Image: <image>', no_image_slot 'Image: N/A '), the same
+#   tokens on a legacy LLaMA tokenizer.json. A missing "The answer is X" counts wrong (LaVIN: a random option).
 
 # -----------------------------------------------------------------------------
 # Building a VLM from a config dict (train.py, eval.py and sample.py all go through here). A method owns the
