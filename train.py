@@ -231,7 +231,7 @@ def dataset_for(samples):
 train_samples = data.read_split(config, train_split, group=group_by_image)
 eval_samples = data.read_split(config, eval_split, evaluation=True)
 # every distinct image, checked up front from its header (no decoding): all bad files at once, before any step
-sources = sorted({x for s in train_samples + eval_samples for x in data.image_list(s)}, key=str)
+sources = list(dict.fromkeys(x for s in train_samples + eval_samples for x in data.image_list(s)))  # first-seen order
 bad = [(x, why) for x in tqdm(sources, desc='checking images', disable=not (tty and master) or len(sources) < 2000)
        if (why := data.image_problem(x))]
 if bad:
@@ -370,7 +370,7 @@ def images_ok(make):
         out = make()
     except (data.BadImage, FileNotFoundError) as e:
         out = None
-        print0(f"step {step}: {e}")
+        tqdm.write(f"step {step}{f' (rank {rank})' if world > 1 else ''}: {e}")  # every rank names its file
     ok = torch.tensor(float(out is not None), device=device)
     if ddp:  # every rank skips together, or the collectives go out of step
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)

@@ -195,7 +195,8 @@ def test_no_samples_left(tiny, shapes_json, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match='no training samples left: the llava train split in .*empty.json has no samples'):
         train(monkeypatch, *base_args(tiny, str(tmp_path / 'empty.json'), tmp_path / 'a'))
     with pytest.raises(SystemExit, match=r'no training samples left: all 12 skipped \(too_long: 12\); '
-                                         r'max_len 12 < 16 visual tokens \+ prompt'):
+                                         r'max_len 12 < 16 visual tokens \+ prompt'), \
+            pytest.warns(UserWarning, match='skipped 12 of 12'):
         train(monkeypatch, *base_args(tiny, shapes_json, tmp_path / 'b', max_len=12))
 
 
