@@ -158,7 +158,7 @@ def bench_methods(max_iters=100, eval_limit=500, out='out/bench_methods'):
         out_dir = os.path.join(out, re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_'))
         cmd = [sys.executable, 'train.py', 'config/easyvqa_cpu.py'] + ([cfg] if cfg else []) + [
             f'--out_dir={out_dir}', f'--max_iters={max_iters}', f'--eval_interval={max_iters}',
-            f'--eval_limit={eval_limit}', '--always_save_checkpoint=False']
+            f'--eval_limit={eval_limit}', '--always_save_checkpoint=False', '--overwrite=True']
         print('$', ' '.join(cmd[1:]), flush=True)
         if os.path.exists(os.path.join(out_dir, 'log.jsonl')):
             os.remove(os.path.join(out_dir, 'log.jsonl'))

@@ -11,6 +11,8 @@ import sys as _sys
 from ast import literal_eval as _literal_eval
 from difflib import get_close_matches as _close
 
+_given = {}  # key -> its default, for every key a config file or --key=value sets (train.py's resume check)
+
 
 def _set_config(_key, _val, _where):
     _known = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
@@ -20,13 +22,14 @@ def _set_config(_key, _val, _where):
         _near = _close(_key, _known, n=3, cutoff=0.6)
         raise SystemExit(f"{_where}: unknown config key {_key!r}" + (f"; did you mean {' or '.join(_near)}?" if _near else ''))
     _old = globals()[_key]
+    _default = _given.setdefault(_key, _old)  # the first time a key is set, its value is still the script's default
     if isinstance(_old, float) and type(_val) is int:
         _val = float(_val)
     if isinstance(_old, tuple) and isinstance(_val, list):
         _val = tuple(_val)
     if type(_val) is not type(_old):
-        raise SystemExit(f"{_where}: config key {_key!r} expects {type(_old).__name__} (default {_old!r}), "
-                         f"got {type(_val).__name__} {_val!r}")
+        raise SystemExit(f"{_where}: config key {_key!r} expects {type(_old).__name__} (default {_default!r}"
+                         + (f", set to {_old!r} before" if _old != _default else '') + f"), got {type(_val).__name__} {_val!r}")
     globals()[_key] = _val
 
 

@@ -367,9 +367,11 @@ def pick_template(tok, name=None):
 # tag's "\n" into the answer) cannot be labelled exactly: the sample is skipped (SkipSample('mismatch')),
 # where LLaVA masks the whole sample when its length arithmetic disagrees.
 #
-# Too long for max_len: unlabelled text tokens are removed from the left (the system prompt, then the
-# oldest question text, ...); BOS, image placeholders and labelled (answer) tokens are never removed.
-# If that is not enough, the sample is skipped (SkipSample('too_long')).
+# Too long for max_len: a training sample is skipped (SkipSample('too_long'), counted by ConversationDataset),
+# never cut: a cut would remove the template, the text before the image ("Image: ") and the start of the
+# question, and could put an image token at position 0 (SmolLM2's attention sink). Only an inference prompt
+# (truncate=True, encode_prompt: the model must still answer) has unlabelled text tokens removed from the
+# left, with a warning; BOS, image tokens and labelled tokens are never removed.
 
 
 class SkipSample(ValueError):
@@ -378,9 +380,10 @@ class SkipSample(ValueError):
         self.reason = reason
 
 
-def tokenize_conversation(tok, pieces, n_image_tokens=0, max_len=2048, *, bos=None):
+def tokenize_conversation(tok, pieces, n_image_tokens=0, max_len=2048, *, bos=None, truncate=False):
     """pieces [(text, labelled)] -> (input_ids, labels), two lists of ints of equal length.
-    bos=None adds BOS when the tokenizer wants one (tok.add_bos)."""
+    bos=None adds BOS when the tokenizer wants one (tok.add_bos). Longer than max_len: SkipSample('too_long'),
+    or with truncate=True the leftmost prompt text is cut."""
     text, spans = "", []
     for piece, labelled in pieces:
         if labelled and piece:
@@ -409,6 +412,8 @@ def tokenize_conversation(tok, pieces, n_image_tokens=0, max_len=2048, *, bos=No
         if tok.bos_id is None:
             raise ValueError(f"{tok.folder}: bos=True but this tokenizer has no BOS token")
         ids, labels = np.concatenate([[tok.bos_id], ids]), np.concatenate([[IGNORE_INDEX], labels])
+    if max_len is not None and len(ids) > max_len and not truncate:
+        raise SkipSample("too_long", f"{len(ids)} tokens ({int((ids == IMAGE_TOKEN).sum())} visual) > max_len={max_len}")
     if max_len is not None and len(ids) > max_len:
         removable = (labels == IGNORE_INDEX) & (ids != IMAGE_TOKEN)
         removable[0] &= not bos
@@ -418,6 +423,7 @@ def tokenize_conversation(tok, pieces, n_image_tokens=0, max_len=2048, *, bos=No
                                          f"(answers + image tokens + BOS) > max_len={max_len}")
         keep = np.ones(len(ids), dtype=bool)
         keep[drop] = False
+        warnings.warn(f"prompt of {len(ids)} tokens cut to max_len={max_len}: its first {len(drop)} text tokens dropped")
         ids, labels = ids[keep], labels[keep]
     return ids.tolist(), labels.tolist()
 
@@ -432,7 +438,7 @@ def encode_prompt(tok, template, messages, n_image_tokens=0, max_len=2048, *, sy
     """Inference: the prompt ids for `messages` (ending with a user turn) plus the generation prompt, then
     `answer_prefix`, text the model continues (ADEM-VL's ScienceQA evaluation: "The answer is")."""
     pieces = template_pieces(template, messages, system, add_generation_prompt=True) + [(answer_prefix, False)]
-    return tokenize_conversation(tok, pieces, n_image_tokens, max_len)[0]
+    return tokenize_conversation(tok, pieces, n_image_tokens, max_len, truncate=True)[0]
 
 # -----------------------------------------------------------------------------
 # 4. Images
@@ -465,15 +471,39 @@ IMAGE_NORMS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGEN
                "half": ((0.5,) * 3, (0.5,) * 3)}
 
 
+class BadImage(ValueError):
+    """An image file that cannot be decoded (load_image); train.py skips its step, counted and bounded."""
+
+
+def image_name(src):
+    return str(src) if isinstance(src, (str, Path)) else f"<{len(src)} bytes of image data>"
+
+
+def image_problem(src):
+    """Why `src` (path or bytes) is not a readable image, from its header alone (fast: nothing is decoded), or
+    None. train.py checks every image this way before the first step; data past the header (a truncated file)
+    fails only in load_image."""
+    if isinstance(src, (str, Path)) and not Path(src).is_file():
+        return "missing" if not Path(src).exists() else "not a file"
+    if (Path(src).stat().st_size if isinstance(src, (str, Path)) else len(src)) == 0:
+        return "empty (0 bytes)"
+    try:
+        with Image.open(src if isinstance(src, (str, Path)) else io.BytesIO(src)) as img:
+            img.size  # the header is parsed by open(); no pixels are read
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"not a readable image ({e})"
+    return None
+
+
 def load_image(src):
-    name = str(src) if isinstance(src, (str, Path)) else f"<{len(src)} bytes of image data>"
+    name = image_name(src)
     try:
         img = Image.open(src if isinstance(src, (str, Path)) else io.BytesIO(src))
         img.load()  # decode now: a truncated or corrupt file fails here, not later in a worker
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {name}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {name}: {e}") from None
+        raise BadImage(f"cannot read image {name}: {e}") from None
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit (or int32) grayscale -> 8 bits
         a = np.asarray(img, dtype=np.float64) / 257.0
         img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
@@ -881,6 +911,12 @@ def image_sources(sample):
     """What the image pipeline (image_inputs) takes for a sample: its one image source (None if it has
     none), or the list of its sources when it has several ('images')."""
     return list(sample["images"]) if sample.get("images") is not None else sample["image"]
+
+
+def image_list(sample):
+    """The sample's image sources as a list ([] for a text-only sample)."""
+    source = image_sources(sample)
+    return source if isinstance(source, list) else [] if source is None else [source]
 
 
 def _n_images(source):

@@ -25,9 +25,8 @@ from metrics import caption_scores, exact_match_accuracy, scienceqa_accuracy, sc
 def load_vlm(path, device='cpu', dtype=torch.float32):
     """A train.py checkpoint -> (model in eval mode, data.prepare(...) dict, the checkpoint's config)."""
     from fusion import build_vlm
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    from model import load_checkpoint
+    ckpt = load_checkpoint(path)
     cfg = ckpt['config']
     model = build_vlm(cfg, dtype=dtype, device=device)
     peft.load_trainable_state_dict(model, ckpt['model'], where=path)
@@ -89,8 +88,12 @@ def run(model, samples, io, *, task, features=None, batch_size=32, max_new_token
     sharded = hasattr(model, 'unshard')  # FSDP2: gather the root's parameters for calls outside forward()
     if sharded:
         model.unshard()
-    for k in tqdm(range(0, len(mine), batch_size), disable=not progress or rank != 0, desc=f'eval {task}',
-                  dynamic_ncols=True):
+    tty = sys.stdout.isatty() and sys.stderr.isatty()  # in a log file: a plain line per tenth instead of a bar
+    starts = range(0, len(mine), batch_size)
+    for n, k in enumerate(tqdm(starts, disable=not progress or rank != 0 or not tty, desc=f'eval {task}',
+                               dynamic_ncols=True)):
+        if progress and rank == 0 and not tty and n % max(1, len(starts) // 10) == 0:
+            print(f"eval {task}: {k}/{len(mine)} prompts", flush=True)
         idx = mine[k:k + batch_size]
         ids, mask = data.left_pad([prompts[i] for i in idx], tok.pad_id)
         with autocast:

@@ -608,8 +608,14 @@ def resolve(name_or_path):
         return p
     if p.exists():
         raise ValueError(f"{p} is a file; expected a checkpoint folder (config.json + *.safetensors) or a hub repo id")
-    if str(name_or_path).startswith(('.', '/', '~')) or str(name_or_path).count('/') != 1:
-        raise FileNotFoundError(f"checkpoint folder {p} does not exist (and it is not a hub repo id 'org/name')")
+    # a path that looks local is never tried on the hub: ./x, /x, ~/x, a/b/c, checkpoints/x (convert.py's
+    # folders), or a first part that is a local folder
+    first = str(name_or_path).split('/')[0]
+    if str(name_or_path).startswith(('.', '/', '~')) or str(name_or_path).count('/') != 1 or first == 'checkpoints' \
+            or Path(first).is_dir():
+        hint = "; `python convert.py` writes the offline checkpoints/ folders" if 'checkpoints' in p.parts else ''
+        raise FileNotFoundError(f"checkpoint folder {p} does not exist (relative to {Path.cwd()}){hint}; "
+                                f"a hub repo id is 'org/name'")
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(str(name_or_path), allow_patterns=[
@@ -630,6 +636,42 @@ def atomic_save(obj, path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temporaries(path):
+    """Delete the `path`.tmp<pid> files that an atomic_save killed midway left behind (their process is gone);
+    returns their names."""
+    path, removed = Path(path), []
+    for tmp in path.parent.glob(path.name + '.tmp*'):
+        pid = tmp.name[len(path.name) + 4:]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+            continue
+        except ProcessLookupError:
+            tmp.unlink()
+            removed.append(tmp.name)
+        except PermissionError:
+            continue  # another user's live process
+    return removed
+
+
+def load_checkpoint(path):
+    """A train.py checkpoint (dict with 'model', 'config', ...), loaded with weights_only=True. A file that is
+    not one says so and names itself; it is never unpickled (a file of unknown origin could run code)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch's message would suggest weights_only=False: unsafe here
+        raise ValueError(f"checkpoint {path} is corrupt or not a checkpoint of this project "
+                         f"({os.path.getsize(path)} bytes; torch.load raised {type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not {'model', 'config'} <= set(ckpt):
+        raise ValueError(f"checkpoint {path} is not a checkpoint of this project (train.py's ckpt.pt holds "
+                         f"'model' and 'config'; this file holds {type(ckpt).__name__} "
+                         f"{sorted(ckpt)[:8] if isinstance(ckpt, dict) else ''})")
+    return ckpt
 
 
 def read_config(folder):

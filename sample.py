@@ -82,7 +82,11 @@ if not chat:
 
 messages = []
 while True:
-    text = prompt if prompt else input('\n>>> ')
+    try:
+        text = prompt if prompt else input('\n>>> ')
+    except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt ends the session
+        print()
+        break
     if not messages and image:
         text = image_slot + text
     messages.append(('user', text))

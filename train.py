@@ -12,6 +12,8 @@ defaults below are globals, overridden by a config file and --key=value (configu
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 from contextlib import nullcontext
 
@@ -23,8 +25,8 @@ from tqdm import tqdm
 import data
 import eval as evaluate
 import peft as peft_methods  # `peft` is a config key
-from fusion import arch_keys, build_vlm, method_of
-from model import atomic_save
+from fusion import MODEL_KEYS, arch_keys, build_vlm, method_of
+from model import atomic_save, load_checkpoint, remove_stale_temporaries
 
 # -----------------------------------------------------------------------------
 # config: LLaVA-1.5-style defaults with the offline weights; config/*.py hold whole recipes (the offline
@@ -32,6 +34,7 @@ from model import atomic_save
 # I/O
 out_dir = 'out/easyvqa'
 init_from = 'scratch'        # 'scratch': public weights + new fusion / PEFT; 'resume': continue out_dir/ckpt.pt
+overwrite = False            # 'scratch' into an out_dir that holds a ckpt.pt or log.jsonl: refused unless True
 eval_interval = 250          # validation loss every this many steps (and a checkpoint)
 eval_iters = 10              # batches in a validation-loss estimate
 log_interval = 10
@@ -112,7 +115,8 @@ weight_decay = 0.0           # AdamW; never on 1-D parameters (norms, biases, ga
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 1.0              # 0 = off
-max_bad_steps = 10           # non-finite losses tolerated (each skips its step) before stopping
+max_bad_steps = 10           # non-finite losses tolerated (each skips its step) before stopping; the same
+                             # bound for steps skipped because an image failed to decode
 # system
 device = 'auto'              # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = 'auto'               # 'float32' | 'bfloat16' | 'float16' | 'auto' (bf16 on GPUs that have it, else fp32);
@@ -165,16 +169,48 @@ def print0(*a):
     if master:
         tqdm.write(' '.join(str(x) for x in a))
 
+
+# a progress bar on a terminal; in a log file (stdout or stderr not a terminal) plain lines every log_interval
+tty = sys.stdout.isatty() and sys.stderr.isatty()
+ckpt_file = os.path.join(out_dir, 'ckpt.pt')
+if master:
+    for name in remove_stale_temporaries(ckpt_file):
+        print0(f"removed {os.path.join(out_dir, name)}: a checkpoint write that was killed midway")
+# a new run never replaces an old one unasked: every rank checks, so that all of them stop
+there = [f for f in ('ckpt.pt', 'log.jsonl') if os.path.exists(os.path.join(out_dir, f))]
+if init_from == 'scratch' and there:
+    if not overwrite:
+        try:
+            what = f" (step {load_checkpoint(ckpt_file)['step']})" if 'ckpt.pt' in there else ''
+        except ValueError:
+            what = ' (unreadable)'
+        raise SystemExit(f"{out_dir} already holds {' and '.join(there)}{what} from an earlier run; "
+                         f"continue it with --init_from=resume, choose another out_dir, or pass --overwrite=True")
+    if master and 'log.jsonl' in there:
+        os.remove(os.path.join(out_dir, 'log.jsonl'))  # the new run's log starts empty; ckpt.pt is replaced at the first save
+        print0(f"overwrite=True: the earlier run's {out_dir}/log.jsonl is deleted, its ckpt.pt replaced at the first save")
+
 # -----------------------------------------------------------------------------
 # model: public weights (frozen, stored in the compute dtype) + fusion / PEFT (trained, float32)
 
 
+def check_resume_config(saved, given):
+    """The architecture comes from the checkpoint: a model key or a method's key (fusion.arch_keys) that a config
+    file or --key=value set (`given`, from configurator.py) to another value than the checkpoint's is an error."""
+    bad = [f"{k}: checkpoint {saved.get(k, defaults[k])!r}, given {globals()[k]!r}" for k in given
+           if (k in MODEL_KEYS or method_of(k)) and saved.get(k, defaults[k]) != globals()[k]]
+    if bad:
+        raise SystemExit(f"init_from='resume': {ckpt_path} was trained with another architecture than this config "
+                         f"asks for:\n  " + '\n  '.join(bad) + "\ndrop these overrides, or train into a new out_dir")
+
+
 ckpt = None
 if init_from == 'resume':
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    ckpt_path = ckpt_file
     if not os.path.exists(ckpt_path):
         raise SystemExit(f"init_from='resume' but {ckpt_path} does not exist")
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    ckpt = load_checkpoint(ckpt_path)
+    check_resume_config(ckpt['config'], _given)
     for k in arch_keys(ckpt['config']):  # the architecture comes from the checkpoint
         config[k] = globals()[k] = ckpt['config'][k]
 elif init_from != 'scratch':
@@ -201,10 +237,33 @@ def dataset_for(samples):
                                     system=io['system'])
 
 
-train_ds = dataset_for(data.read_split(config, train_split))
+train_samples = data.read_split(config, train_split)
 eval_samples = data.read_split(config, eval_split, evaluation=True)
-eval_ds = dataset_for(eval_samples)
-print0(f"data: {len(train_ds)} train / {len(eval_ds)} eval samples; {n_image_tokens} visual tokens per image")
+# every distinct image, checked up front from its header (no decoding): all bad files at once, before any step
+sources = list(dict.fromkeys(x for s in train_samples + eval_samples for x in data.image_list(s)))  # first-seen order
+bad = [(x, why) for x in tqdm(sources, desc='checking images', disable=not (tty and master) or len(sources) < 2000)
+       if (why := data.image_problem(x))]
+if bad:
+    names = [f"{data.image_name(x)}: {why}" for x, why in bad[:20]]
+    raise SystemExit(f"{len(bad)} of {len(sources)} images cannot be read; nothing was trained:\n  " + '\n  '.join(names)
+                     + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else '')
+                     + "\nreplace them, or remove the samples that use them")
+train_ds, eval_ds = dataset_for(train_samples), dataset_for(eval_samples)
+
+
+def skips(ds):
+    return f" (skipped {sum(ds.skipped.values())}: {', '.join(f'{k} {v}' for k, v in ds.skipped.items())})" if ds.skipped else ''
+
+
+for ds, name, n in ((train_ds, train_split, len(train_samples)), (eval_ds, eval_split, len(eval_samples))):
+    if len(ds) == 0:  # nothing to train on or to validate with: say why instead of dividing by zero later
+        why = f"all {n} skipped ({', '.join(f'{k}: {v}' for k, v in ds.skipped.items())})" if n else \
+            f"the {dataset} {name} split{f' in {data_root}' if data_root else ''} has no samples"
+        hint = '' if 'too_long' not in ds.skipped else f"; max_len {max_len} < {n_image_tokens} visual tokens + prompt" \
+            if max_len <= n_image_tokens else f"; max_len {max_len} is too short for every sample ({n_image_tokens} visual tokens + text)"
+        raise SystemExit(f"no {'training' if ds is train_ds else 'evaluation'} samples left: {why}{hint}")
+print0(f"data: {len(train_ds)} train{skips(train_ds)} / {len(eval_ds)} eval samples{skips(eval_ds)}; "
+       f"{n_image_tokens} visual tokens per image")
 # the frozen tower's features, once per image, when no tower parameter trains (not under FSDP, whose
 # sharded tower runs inside the model's forward)
 feats_cache = {} if cache_features and not fsdp and not any(p.requires_grad for p in model.vision.parameters()) else None
@@ -290,12 +349,14 @@ def get_lr(step):
     return min_lr + 0.5 * (learning_rate - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-step, bad_steps, best_val = 0, 0, float('inf')
+step, bad_steps, bad_image_steps, best_val = 0, 0, 0, float('inf')
+resumed_from = None
 if ckpt is not None:
     set_optimizer_state_dict(model, optimizer, optim_state_dict=ckpt['optimizer'],
                              options=StateDictOptions(full_state_dict=ddp))
     scaler.load_state_dict(ckpt['scaler'])
     step, bad_steps, best_val = ckpt['step'], ckpt['bad_steps'], ckpt['best_val']
+    bad_image_steps, resumed_from = ckpt.get('bad_image_steps', 0), step
     torch.set_rng_state(ckpt['rng']['cpu'])
     if device_type == 'cuda' and ckpt['rng'].get('cuda') is not None:
         torch.cuda.set_rng_state(ckpt['rng']['cuda'])
@@ -306,17 +367,33 @@ if ckpt is not None:
 # helpers: validation loss, checkpoint
 
 
+def images_ok(make):
+    """make() (a step's or a validation batch's inputs), or None when an image failed to decode on any rank
+    (past a header that the up-front check passed, e.g. a truncated file): the caller skips that work."""
+    try:
+        out = make()
+    except (data.BadImage, FileNotFoundError) as e:
+        out = None
+        tqdm.write(f"step {step}{f' (rank {rank})' if world > 1 else ''}: {e}")  # every rank names its file
+    ok = torch.tensor(float(out is not None), device=device)
+    if ddp:  # every rank skips together, or the collectives go out of step
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return out if ok.item() else None
+
+
 @torch.no_grad()
 def val_loss():
     model.eval()
     losses = []
     for k in range(eval_iters):
         idx = [(k * batch_size * world + rank * batch_size + j) % len(eval_ds) for j in range(batch_size)]
-        b = get_batch(eval_ds, idx)
+        b = images_ok(lambda: get_batch(eval_ds, idx))
+        if b is None:
+            continue  # a validation batch with an undecodable image is left out of the estimate
         with autocast:
             losses.append(model(b['ids'], labels=b['labels'], **image_args(b)).float())
     model.train()
-    loss = torch.stack(losses).mean()
+    loss = torch.stack(losses).mean() if losses else torch.tensor(float('nan'), device=device)
     if ddp:
         dist.all_reduce(loss, op=dist.ReduceOp.AVG)
     return loss.item()
@@ -331,9 +408,9 @@ def save_checkpoint():
     if not master:
         return
     state = dict(model=msd, optimizer=osd, scaler=scaler.state_dict(), step=step, bad_steps=bad_steps,
-                 best_val=best_val, data_pos=step * per_step, config=config,
+                 bad_image_steps=bad_image_steps, best_val=best_val, data_pos=step * per_step, config=config,
                  rng={'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None})
-    atomic_save(state, os.path.join(out_dir, 'ckpt.pt'))
+    atomic_save(state, ckpt_file)
 
 # -----------------------------------------------------------------------------
 # the loop
@@ -345,14 +422,54 @@ if wandb_log and master:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 print0(f"training: {max_steps} steps of {per_step} samples ({epochs if max_iters == 0 else max_steps / steps_per_epoch:.2f} epochs), "
        f"{device}, {dtype}, world {world}")
+
+
+def git_commit():
+    try:
+        return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+if master:  # a header record per run: a reader can tell runs apart and where a resume starts
+    with open(log_path, 'a') as f:
+        f.write(json.dumps(dict(run=dict(started=time.strftime('%Y-%m-%d %H:%M:%S'), git=git_commit(),
+                                         resumed_from=resumed_from, max_steps=max_steps, world=world, config=config))) + '\n')
+
+
+def validate_and_save():
+    global best_val
+    if step % eval_interval == 0 or step == max_steps:
+        v = val_loss()
+        print0(f"step {step}: val loss {v:.4f}")
+        if master:
+            with open(log_path, 'a') as f:
+                f.write(json.dumps(dict(step=step, val_loss=v)) + '\n')
+        best_val = min(best_val, v)
+        if always_save_checkpoint or v <= best_val:
+            save_checkpoint()
+
+
 model.train()
-bar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
+bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True) if tty and master else None
 t0, tokens_seen = time.time(), 0
 while step < max_steps:
     lr = get_lr(step)
     for group in optimizer.param_groups:
         group['lr'] = lr
-    batches = step_batches(step)
+    batches = images_ok(lambda: step_batches(step))
+    if batches is None:  # skip the step (the stream stays a function of the step), count it, give up past the bound
+        bad_image_steps += 1
+        print0(f"step {step}: an image failed to decode, step skipped ({bad_image_steps}/{max_bad_steps})")
+        if bad_image_steps > max_bad_steps:
+            raise SystemExit(f"stopping: {bad_image_steps} steps with undecodable images (more than "
+                             f"max_bad_steps={max_bad_steps}); the files are named above")
+        step += 1
+        if bar is not None:
+            bar.update(1)
+        validate_and_save()
+        continue
     # normalise by the labelled tokens of the whole step (all micro-batches, all ranks), so that
     # accumulation and data parallelism give the same gradient as one big batch
     n_tok = torch.tensor(float(sum(int((b['labels'][:, 1:] != data.IGNORE_INDEX).sum()) for b in batches)), device=device)
@@ -393,23 +510,19 @@ while step < max_steps:
     if master:
         dt = time.time() - t0
         rec = dict(step=step, loss=round(total.item(), 6), lr=lr, tok_s=round(tokens_seen / dt, 1), time=round(dt, 2))
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_s']:.0f}")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_s']:.0f}")
+        elif step % log_interval == 0 or step == max_steps:
+            print0(f"step {step}/{max_steps}: loss {rec['loss']:.4f}, lr {lr:.2e}, {rec['tok_s']:.0f} tok/s, {dt:.1f} s")
         if finite.item() and (step % log_interval == 0 or step == max_steps):
             with open(log_path, 'a') as f:
                 f.write(json.dumps(rec) + '\n')
             if wandb_log:
                 wandb.log(rec)
-    if step % eval_interval == 0 or step == max_steps:
-        v = val_loss()
-        print0(f"step {step}: val loss {v:.4f}")
-        if master:
-            with open(log_path, 'a') as f:
-                f.write(json.dumps(dict(step=step, val_loss=v)) + '\n')
-        best_val = min(best_val, v)
-        if always_save_checkpoint or v <= best_val:
-            save_checkpoint()
-bar.close()
+    validate_and_save()
+if bar is not None:
+    bar.close()
 
 # -----------------------------------------------------------------------------
 # final evaluation: generate for the eval split and score it

@@ -241,7 +241,10 @@ def test_truncation_keeps_answer_bos_and_image(toks):
     msgs = [("user", "<image>\n" + "What color is the circle? " * 20), ("assistant", "The circle is red.")]
     pieces = data.template_pieces("vicuna_v1", msgs)
     full, _ = data.tokenize_conversation(tok, pieces, n_image_tokens=4, max_len=None)
-    ids, labels = data.tokenize_conversation(tok, pieces, n_image_tokens=4, max_len=40)
+    with pytest.raises(data.SkipSample, match="too_long"):  # a training sample is never cut ...
+        data.tokenize_conversation(tok, pieces, n_image_tokens=4, max_len=40)
+    with pytest.warns(UserWarning, match="cut to max_len=40"):  # ... an inference prompt is, and says so
+        ids, labels = data.tokenize_conversation(tok, pieces, n_image_tokens=4, max_len=40, truncate=True)
     assert len(full) > 40 and len(ids) == 40
     assert ids[0] == tok.bos_id and ids.count(IMAGE_TOKEN) == 4
     assert labelled_runs(tok, labels) == ["The circle is red.</s>"]
@@ -254,6 +257,18 @@ def test_truncation_keeps_answer_bos_and_image(toks):
                {"id": "long", "image": None, "messages": long}]
     with pytest.warns(UserWarning, match="too_long"):
         ds = data.ConversationDataset(samples, tok, template="vicuna_v1", max_len=40)
+    assert len(ds) == 1 and ds.skipped == {"too_long": 1} and ds[0]["id"] == "ok"
+
+
+def test_long_prompt_is_skipped_not_cut(toks):
+    """A 400-word question at max_len 64 (the offline job's 'Image: <image>' slot): the sample is skipped and
+    counted, never trained with "Image: " and the question's start cut off and the image token at position 0."""
+    tok = toks["llama"]
+    long = "Image: <image>\n" + "what color is the shape " * 80
+    samples = [{"id": "ok", "image": "a.png", "messages": [("user", "Image: <image>\nwhat color?"), ("assistant", "red")]},
+               {"id": "long", "image": "a.png", "messages": [("user", long), ("assistant", "red")]}]
+    with pytest.warns(UserWarning, match="too_long"):
+        ds = data.ConversationDataset(samples, tok, template="vicuna_v1", n_image_tokens=16, max_len=64)
     assert len(ds) == 1 and ds.skipped == {"too_long": 1} and ds[0]["id"] == "ok"
 
 

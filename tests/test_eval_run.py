@@ -89,3 +89,11 @@ def test_eval_cli_on_a_checkpoint(tiny, shapes_json, tmp_path):
     result = json.load(open(tmp_path / 'eval_test.json'))
     assert result['n'] == 5 and result['task'] == 'llava' and 'accuracy' in result['metrics']
     assert 'accuracy' in p.stdout
+
+
+def test_sample_cli_ends_cleanly_on_ctrl_d(tiny):
+    """Interactive sample.py: one turn, then end of input (Ctrl-D) ends the session without a traceback."""
+    p = subprocess.run([sys.executable, 'sample.py', f'--model={tiny["lm"]}', '--template=qwen2', '--max_new_tokens=2'],
+                       input='what color is the shape?\n', cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+    assert p.stdout.count('>>> ') == 2  # the question, then the prompt that got the end of input

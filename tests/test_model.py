@@ -219,3 +219,35 @@ def test_wrong_tower(tmp_path):
     (tmp_path / 'config.json').write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match='(?s)missing: .*unexpected: embeddings'):
         Decoder.from_pretrained(tmp_path)
+
+
+def test_local_looking_path_is_not_tried_on_the_hub(tmp_path, monkeypatch):
+    """train.py before convert.py, or from another folder: the default 'checkpoints/...' says what to run."""
+    import huggingface_hub
+    import model as model_py
+
+    def no_hub(*a, **kw):
+        raise AssertionError('tried the hub')
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', no_hub)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r'checkpoints/dinov2-small-imgfocus does not exist(?s:.*)python convert\.py'):
+        model_py.resolve('checkpoints/dinov2-small-imgfocus')
+    (tmp_path / 'weights').mkdir()  # a first part that is a local folder: a path, not 'org/name'
+    with pytest.raises(FileNotFoundError, match='weights/lm does not exist'):
+        model_py.resolve('weights/lm')
+
+
+@pytest.mark.parametrize('content', [b'', b'\x8f\x13 random bytes' * 50, 'truncated', 'not_a_ckpt'])
+def test_corrupt_checkpoint_names_the_file(tmp_path, content):
+    import model as model_py
+    path = tmp_path / 'ckpt.pt'
+    if content == 'truncated':
+        torch.save({'model': {'w': torch.ones(100)}, 'config': {}}, path)
+        path.write_bytes(path.read_bytes()[:200])
+    elif content == 'not_a_ckpt':
+        torch.save({'w': torch.ones(3)}, path)  # a plain state dict, not train.py's checkpoint
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"checkpoint {path} is (corrupt or )?not a checkpoint of this project") as e:
+        model_py.load_checkpoint(path)
+    assert 'weights_only=False' not in str(e.value) and e.value.__cause__ is None  # never a hint to unpickle it

@@ -1,7 +1,10 @@
 """train.py end to end on tiny stand-in checkpoints (conftest `tiny`): learning, exact resume, atomic
-checkpoints, bad input (config keys, NaN losses, a checkpoint from another model)."""
+checkpoints, bad input (config keys, NaN losses, a checkpoint from another model, an existing out_dir,
+architecture overrides on resume, bad images, empty data, corrupt checkpoints, output in a log file)."""
 import json
+import os
 import runpy
+import shutil
 import sys
 
 import pytest
@@ -64,6 +67,9 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, shapes_json, tmp_path, mo
     assert ckpt['step'] == 4 and ckpt['data_pos'] == 16
     train(monkeypatch, *base_args(tiny, shapes_json, cut, init_from='resume'))
     assert losses(cut) == losses(full)  # bit-for-bit, steps 1-4 before the crash and 5-8 after
+    runs = [r['run'] for r in map(json.loads, open(cut / 'log.jsonl')) if 'run' in r]
+    assert [r['resumed_from'] for r in runs] == [None, 4]  # each run opens with a header record
+    assert runs[0]['config']['lora_r'] == 4 and 'git' in runs[0]
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -99,6 +105,105 @@ def test_nan_losses_are_skipped_counted_and_bounded(tiny, shapes_json, tmp_path,
     monkeypatch.setattr(model_py.VLM, 'forward', lambda self, *a, **kw: real(self, *a, **kw) * float('nan'))
     with pytest.raises(SystemExit, match='3 non-finite losses .more than max_bad_steps=2'):
         train(monkeypatch, *base_args(tiny, shapes_json, tmp_path / 'b', max_bad_steps=2, eval_interval=100))
+    from tqdm import tqdm
+    assert not list(tqdm._instances)  # no progress bar left open to print itself (loss=nan) after pytest's summary
+
+
+def test_log_file_gets_plain_lines(tiny, shapes_json, tmp_path, monkeypatch, capsys):
+    """stdout is not a terminal (here: pytest's capture; a user's `> log`): a plain line every log_interval."""
+    train(monkeypatch, *base_args(tiny, shapes_json, tmp_path, max_iters=4, log_interval=2, final_eval=True,
+                                  eval_limit=4, max_new_tokens=2))
+    out, err = capsys.readouterr()
+    assert 'step 2/4: loss' in out and 'step 4/4: loss' in out and 'step 3/4' not in out
+    assert '\r' not in out + err and 'it/s' not in err
+
+
+def test_existing_out_dir_is_not_overwritten(tiny, shapes_json, tmp_path, monkeypatch):
+    train(monkeypatch, *base_args(tiny, shapes_json, tmp_path, max_iters=2, eval_interval=2))
+    stale = tmp_path / 'ckpt.pt.tmp4999999'  # left by a run killed during a save (no such process)
+    stale.write_bytes(b'half a checkpoint')
+    live = tmp_path / f'ckpt.pt.tmp{os.getpid()}'  # one being written right now by a live process: kept
+    live.write_bytes(b'')
+    before = (tmp_path / 'ckpt.pt').read_bytes(), (tmp_path / 'log.jsonl').read_text()
+    with pytest.raises(SystemExit, match=r'already holds ckpt.pt and log.jsonl \(step 2\)(?s:.*)--overwrite=True'):
+        train(monkeypatch, *base_args(tiny, shapes_json, tmp_path, max_iters=1, eval_interval=1))
+    assert ((tmp_path / 'ckpt.pt').read_bytes(), (tmp_path / 'log.jsonl').read_text()) == before  # nothing lost
+    assert not stale.exists() and live.exists()
+    live.unlink()
+    g = train(monkeypatch, *base_args(tiny, shapes_json, tmp_path, max_iters=1, eval_interval=1, overwrite=True))
+    assert g['step'] == 1 and torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 1
+    assert [r.get('step') for r in map(json.loads, open(tmp_path / 'log.jsonl'))] == [None, 1, 1]  # a fresh log
+
+
+def test_resume_refuses_architecture_overrides(tiny, shapes_json, tmp_path, monkeypatch):
+    train(monkeypatch, *base_args(tiny, shapes_json, tmp_path, max_iters=1, eval_interval=1))
+    for arg, message in (('--fusion=adem', "fusion: checkpoint 'llava', given 'adem'"),
+                         ('--lora_r=8', 'lora_r: checkpoint 4, given 8'),
+                         (f'--init_lm={tiny["clip"]}', f"init_lm: checkpoint '{tiny['lm']}', given '{tiny['clip']}'")):
+        with pytest.raises(SystemExit, match=message):
+            train(monkeypatch, *base_args(tiny, shapes_json, tmp_path, max_iters=2, init_from='resume'), arg)
+    with pytest.raises(SystemExit, match='lora_r: checkpoint 4, given 0'):  # a value equal to the default counts too
+        train(monkeypatch, *base_args(tiny, shapes_json, tmp_path, max_iters=2, init_from='resume', lora_r=0))
+    # without the architecture keys at all, the checkpoint's architecture is used
+    args = [a for a in base_args(tiny, shapes_json, tmp_path, max_iters=2, init_from='resume')
+            if not a.startswith(('--lora_r', '--trainable'))]
+    assert train(monkeypatch, *args)['step'] == 2
+
+
+def test_corrupt_checkpoint_on_resume(tiny, shapes_json, tmp_path, monkeypatch):
+    (tmp_path / 'ckpt.pt').write_bytes(os.urandom(1000))
+    with pytest.raises(ValueError, match=f"checkpoint {tmp_path / 'ckpt.pt'} is corrupt or not a checkpoint") as e:
+        train(monkeypatch, *base_args(tiny, shapes_json, tmp_path, init_from='resume'))
+    assert 'weights_only=False' not in str(e.value)
+
+
+def copy_shapes(shapes_json, folder):
+    shutil.copytree(os.path.dirname(shapes_json), folder)
+    return folder / 'shapes.json'
+
+
+def test_bad_images_are_all_named_before_training(tiny, shapes_json, tmp_path, monkeypatch):
+    data = copy_shapes(shapes_json, tmp_path / 'd')
+    (tmp_path / 'd' / '0.png').write_bytes(b'')                      # zero bytes
+    (tmp_path / 'd' / '1.png').write_text('not an image')            # not an image
+    (tmp_path / 'd' / '2.png').unlink()                              # missing
+    png = (tmp_path / 'd' / '3.png').read_bytes()
+    (tmp_path / 'd' / '3.png').write_bytes(png[:16] + b'\0' * 20 + png[36:])  # corrupt header
+    with pytest.raises(SystemExit, match='4 of 6 images cannot be read; nothing was trained') as e:
+        train(monkeypatch, *base_args(tiny, str(data), tmp_path / 'out'))
+    msg = str(e.value)
+    assert all(f'{i}.png: ' in msg for i in range(4)) and '4.png' not in msg
+    assert 'empty (0 bytes)' in msg and 'missing' in msg
+    assert not (tmp_path / 'out' / 'ckpt.pt').exists()
+
+
+def test_image_failing_to_decode_skips_its_step(tiny, shapes_json, tmp_path, monkeypatch, capsys):
+    """A truncated file passes the header check; the steps that touch it are skipped, counted and bounded."""
+    data = copy_shapes(shapes_json, tmp_path / 'd')
+    png = (tmp_path / 'd' / '0.png').read_bytes()
+    (tmp_path / 'd' / '0.png').write_bytes(png[:len(png) // 2])
+    g = train(monkeypatch, *base_args(tiny, str(data), tmp_path / 'a'))
+    assert g['step'] == 8 and 1 <= g['bad_image_steps'] < 8
+    assert torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)['bad_image_steps'] == g['bad_image_steps']
+    assert '0.png' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match='1 steps with undecodable images .more than max_bad_steps=0'):
+        train(monkeypatch, *base_args(tiny, str(data), tmp_path / 'b', max_bad_steps=0))
+
+
+def test_no_samples_left(tiny, shapes_json, tmp_path, monkeypatch):
+    (tmp_path / 'empty.json').write_text('[]')
+    with pytest.raises(SystemExit, match='no training samples left: the llava train split in .*empty.json has no samples'):
+        train(monkeypatch, *base_args(tiny, str(tmp_path / 'empty.json'), tmp_path / 'a'))
+    with pytest.raises(SystemExit, match=r'no training samples left: all 12 skipped \(too_long: 12\); '
+                                         r'max_len 12 < 16 visual tokens \+ prompt'), \
+            pytest.warns(UserWarning, match='skipped 12 of 12'):
+        train(monkeypatch, *base_args(tiny, shapes_json, tmp_path / 'b', max_len=12))
+
+
+def test_type_error_names_the_default(tmp_path, monkeypatch):
+    (tmp_path / 'cfg.py').write_text('batch_size = 8\n')
+    with pytest.raises(SystemExit, match=r"'batch_size' expects int \(default 16, set to 8 before\), got float 2.5"):
+        train(monkeypatch, str(tmp_path / 'cfg.py'), '--batch_size=2.5')
 
 
 @pytest.mark.parametrize('arg,message', [
