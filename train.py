@@ -259,8 +259,7 @@ for ds, name, n in ((train_ds, train_split, len(train_samples)), (eval_ds, eval_
     if len(ds) == 0:  # nothing to train on or to validate with: say why instead of dividing by zero later
         why = f"all {n} skipped ({', '.join(f'{k}: {v}' for k, v in ds.skipped.items())})" if n else \
             f"the {dataset} {name} split{f' in {data_root}' if data_root else ''} has no samples"
-        hint = '' if 'too_long' not in ds.skipped else f"; max_len {max_len} < {n_image_tokens} visual tokens + prompt" \
-            if max_len <= n_image_tokens else f"; max_len {max_len} is too short for every sample ({n_image_tokens} visual tokens + text)"
+        hint = f"; max_len {max_len} < {n_image_tokens} visual tokens + prompt" if 'too_long' in ds.skipped else ''
         raise SystemExit(f"no {'training' if ds is train_ds else 'evaluation'} samples left: {why}{hint}")
 print0(f"data: {len(train_ds)} train{skips(train_ds)} / {len(eval_ds)} eval samples{skips(eval_ds)}; "
        f"{n_image_tokens} visual tokens per image")
@@ -271,7 +270,7 @@ feats_cache = {} if cache_features and not fsdp and not any(p.requires_grad for 
 
 def image_inputs(images):
     return data.image_inputs(raw_model, images, io['image_cfg'], cache=feats_cache, device=device, dtype=ptdtype,
-                                 autocast=autocast, always=ddp and fsdp)
+                             autocast=autocast, always=ddp and fsdp)
 
 
 def image_args(b):
