@@ -7,10 +7,13 @@ import math
 import os
 import random
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 import metrics as E
+from conftest import ROOT
 
 try:  # a test-only dependency (requirements-dev.txt)
     from pycocoevalcap.bleu.bleu import Bleu
@@ -335,3 +338,15 @@ def test_exact_match_accuracy():
         E.exact_match_accuracy({1: 'a'}, {1: 'a', 4: 'b'})
     with pytest.raises(ValueError, match='id 1: an answer must be a str'):
         E.exact_match_accuracy({1: 3}, {1: '3'})
+
+
+def test_metrics_is_a_leaf_without_torch():
+    """metrics.py imports nothing of the project and no torch: it runs where neither can be imported."""
+    code = ("import sys\n"
+            "for m in ('torch', 'numpy', 'data', 'model', 'fusion', 'peft', 'eval', 'train'): sys.modules[m] = None\n"
+            "import metrics\n"
+            "print(metrics.vqa_accuracy('two', ['2'] * 10), metrics.bleu({1: 'a b c d'}, {1: ['a b c d']})[0][3])")
+    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    vqa, bleu4 = map(float, out.stdout.split())
+    assert vqa == 1.0 and bleu4 == pytest.approx(1.0)
