@@ -17,7 +17,7 @@ _given = {}  # key -> its default, for every key a config file or --key=value se
 def _set_config(_key, _val, _where):
     _known = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
     if _key not in _known and _key in globals().get('_renamed', {}):  # a key the script renamed
-        raise SystemExit(f"{_where}: config key {_key!r} is now {globals()['_renamed'][_key]!r}")
+        raise SystemExit(f"{_where}: config key {_key!r} is now {globals()['_renamed'][_key]}")
     if _key not in _known:
         _near = _close(_key, _known, n=3, cutoff=0.6)
         raise SystemExit(f"{_where}: unknown config key {_key!r}" + (f"; did you mean {' or '.join(_near)}?" if _near else ''))

@@ -103,8 +103,9 @@ max_new_tokens = 10
 temperature = 0.0            # final evaluation: 0 = greedy, else sampling with nucleus top_p
 top_p = 1.0
 # optimization
-batch_size = 16              # per process and micro-step
-grad_accum = 1               # micro-steps per optimizer step
+batch_size = 16              # per process and micro-step: what fits in memory
+global_batch = 0             # samples per optimizer step over all processes (0 = batch_size x processes); the
+                             # micro-steps follow: grad_accum = global_batch / (batch_size x processes)
 epochs = 1.0
 max_iters = 0                # > 0 overrides epochs
 learning_rate = 1e-3
@@ -127,7 +128,8 @@ threads = 0                  # torch CPU threads (0 = torch's default)
 seed = 1337
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
 defaults = {k: globals()[k] for k in config_keys}
-_renamed = {'cross_attn_every_n_layers': 'flamingo_every', 'router_temperature': 'lavin_temperature'}  # configurator
+_renamed = {'cross_attn_every_n_layers': 'flamingo_every', 'router_temperature': 'lavin_temperature',  # configurator
+            'grad_accum': 'global_batch (grad_accum follows from global_batch / (batch_size x processes))'}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}
 chosen = (fusion, *peft_methods.names(config))
@@ -137,6 +139,19 @@ for k, v in config.items():  # e.g. lora_r=16 with peft='' would silently train 
                          f"(fusion={fusion!r}, peft={peft!r})")
 # -----------------------------------------------------------------------------
 # processes, devices, precision
+
+# the global batch fixes the optimisation (and the learning rate a recipe derives from it) on any number of
+# processes; the micro-steps per optimizer step follow from it
+world = int(os.environ.get('WORLD_SIZE', 1))
+global_batch = global_batch or batch_size * world
+grad_accum, rest = divmod(global_batch, batch_size * world)
+if rest or not grad_accum:
+    fits = [b for b in range(1, global_batch // world + 1) if global_batch % (b * world) == 0]
+    raise SystemExit(f"global_batch={global_batch} is not a multiple of batch_size={batch_size} x {world} processes: "
+                     + (f"set batch_size to one of {fits}" if fits else f"make global_batch a multiple of {world}")
+                     + " (or change global_batch)")
+if int(os.environ.get('RANK', 0)) == 0:
+    print(f"batch: {global_batch} samples per step = {batch_size} per process x {grad_accum} micro-steps x {world} processes")
 
 ddp = int(os.environ.get('RANK', -1)) != -1
 if ddp:

@@ -7,17 +7,16 @@
 # tokenizer.json). No chat template: prompt + answer + EOS ('base'). Data: the ScienceQA release
 # (problems.json, pid_splits.json, images/) in data/scienceqa, plus its captions.json for evaluation.
 #
-#   1 x A100-80GB: python train.py config/adem_sqa.py                                  (2 x 16 x 1 = 32)
-#   8 x A100:      torchrun --standalone --nproc_per_node=8 train.py config/adem_sqa.py --grad_accum=2
-#                                                                                      (2 x 2 x 8 = 32, the README's)
-# Effective batch 32 = batch_size x grad_accum x GPUs; lr = blr 9e-3 x 32 / 256 = 1.125e-3 (keep 32 when
-# changing GPUs: e.g. 4 GPUs --grad_accum=4). 12,726 train problems / 32 = 397 steps per epoch, 7,940 steps
-# in 20 epochs, the first 794 (2 epochs) warming up. The effective batch fixes the optimisation; a larger
-# batch_size with a smaller grad_accum only runs faster where memory allows.
+#   1 x A100-80GB: python train.py config/adem_sqa.py                                  (2 x 16 micro-steps x 1)
+#   8 x A100:      torchrun --standalone --nproc_per_node=8 train.py config/adem_sqa.py  (2 x 2 x 8, the README's)
+# global_batch 32 = batch_size x micro-steps x GPUs, the micro-steps derived by train.py on any GPU count;
+# lr = blr 9e-3 x 32 / 256 = 1.125e-3 stays right because the global batch does. 12,726 train problems / 32 =
+# 397 steps per epoch, 7,940 steps in 20 epochs, the first 794 (2 epochs) warming up. A larger batch_size
+# (fewer micro-steps) only runs faster where memory allows.
 # Memory (estimated from the shapes, not measured): frozen bf16 weights 13.5 GB (LLaMA) + 0.6 GB (CLIP); the
 # trained 4.53M in fp32 with AdamW ~70 MB; activations ~8 MB per token, as the backward runs through all 32
 # LLaMA layers (the visual prompts enter every FFN) and 23 CLIP blocks (their adapters train). Samples are
-# up to 512 tokens: batch_size 2 needs ~16-23 GB; on an 80 GB A100, --batch_size=8 --grad_accum=4 (the same
+# up to 512 tokens: batch_size 2 needs ~16-23 GB; on an 80 GB A100, --batch_size=8 (4 micro-steps, the same
 # 32) runs faster in at most ~50 GB.
 #
 # Argparse defaults of the official train.py differ from the README command this follows: adapter_dim 8 (12
@@ -61,7 +60,7 @@ max_len = 512
 max_new_tokens = 1
 
 batch_size = 2
-grad_accum = 16
+global_batch = 32
 epochs = 20.0
 learning_rate = 1.125e-3     # blr 9e-3 x 32 / 256
 min_lr = 0.0

@@ -20,9 +20,9 @@
 #
 # Data: LAVIS's coco_karpathy_{train,test}.json in data/coco (image paths relative to it: train2014/, val2014/).
 #
-# Effective batch 512 = batch_size x grad_accum x GPUs (LAVIS's 64 per GPU on 8 GPUs):
+# global_batch 512 = batch_size x micro-steps x GPUs (LAVIS's 64 per GPU on 8 GPUs):
 #   8 x A100-80GB: torchrun --standalone --nproc_per_node=8 train.py config/blip2_coco.py   (64 x 1 x 8)
-#   1 x A100-80GB: python train.py config/blip2_coco.py --grad_accum=8                      (64 x 8 x 1)
+#   1 x A100-80GB: python train.py config/blip2_coco.py                                     (64 x 8 x 1)
 # ~566k train captions / 512 = ~1,106 steps per epoch, ~11,060 for 10 epochs: LAVIS's 2,000 warm-up steps
 # are a warm-up ratio of 0.18. Memory on one GPU: frozen bf16 weights 14 GB (LLM) + 0.6 GB (tower), 104.8M
 # trainable parameters (fp32 + AdamW state: 1.7 GB), activations of 64 x ~70 tokens through the 7B LLM.
@@ -52,7 +52,7 @@ max_len = 128
 max_new_tokens = 30          # LAVIS caption eval: max_len 30 (with 5 beams; we decode greedily)
 
 batch_size = 64
-grad_accum = 1
+global_batch = 512
 epochs = 10.0
 learning_rate = 1e-4
 min_lr = 1e-5

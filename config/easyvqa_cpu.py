@@ -35,7 +35,7 @@ max_new_tokens = 4
 image_slot = 'Image: <image>\n'  # not first: SmolLM2 (no BOS) turns position 0 into an attention sink
 
 batch_size = 8
-grad_accum = 1
+global_batch = 8
 max_iters = 300               # 2,400 questions, 6% of an epoch
 learning_rate = 1e-3
 warmup_ratio = 0.03

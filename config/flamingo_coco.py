@@ -15,10 +15,10 @@
 # 4 of the 10 epochs below.
 #
 # Data: LAVIS's coco_karpathy_{train,test}.json in data/coco next to COCO's train2014/ and val2014/ folders.
-# Batch: 256 image-caption pairs per step = batch_size x grad_accum x GPUs, OpenFlamingo's README run
+# Batch: 256 image-caption pairs per step = batch_size x micro-steps x GPUs, OpenFlamingo's README run
 # (64 LAION pairs per GPU x 4 GPUs):
 #   8 x A100-80GB: torchrun --standalone --nproc_per_node=8 train.py config/flamingo_coco.py   (32 x 1 x 8)
-#   1 x A100-80GB: python train.py config/flamingo_coco.py --grad_accum=8                      (32 x 8 x 1)
+#   1 x A100-80GB: python train.py config/flamingo_coco.py                                     (32 x 8 x 1)
 # 113,287 train images / 256 = 442 steps per epoch, 4,420 steps in all. Memory on one GPU: frozen bf16
 # weights 14 GB + 1.18B trained parameters in fp32 with AdamW (16 bytes each) 19 GB + activations of 32 x
 # ~50 tokens and 32 images. The tower's features are not cached: 113K images x 257 x 1024 in bf16 is 60 GB.
@@ -43,7 +43,7 @@ max_new_tokens = 20                # OpenFlamingo's captioning eval: max_generat
 cache_features = False
 
 batch_size = 32
-grad_accum = 1
+global_batch = 256
 epochs = 10.0
 learning_rate = 1e-4
 min_lr = 1e-4                      # constant after the warm-up

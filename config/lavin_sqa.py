@@ -11,14 +11,14 @@
 # Evaluation as LaVIN's eval.py: sampling at temperature 0.1 with top_p 0.75, up to 64 new tokens, the
 # letter after "The answer is"; a reply without one counts wrong (LaVIN picks a random option instead).
 #
-# Effective batch 32 = batch_size x grad_accum x GPUs (LaVIN: 2 GPUs x 4 x accum 4); LaVIN's blr 9e-3 scaled
+# global_batch 32 = batch_size x micro-steps x GPUs (LaVIN: 2 GPUs x 4 x accum 4); LaVIN's blr 9e-3 scaled
 # by 32 / 256 gives lr 1.125e-3; 2 warm-up epochs of 20, then cosine to 0; AdamW (0.9, 0.95), wd 0.02 (not
 # on biases and other 1-D parameters), no gradient clipping.
 #   1 x A100-80GB: python train.py config/lavin_sqa.py                                        (8 x 4 x 1)
-#   8 x A100:      torchrun --standalone --nproc_per_node=8 train.py config/lavin_sqa.py \
-#                      --batch_size=4 --grad_accum=1                                         (4 x 1 x 8)
-#   LaVIN's own:   torchrun --standalone --nproc_per_node=2 train.py config/lavin_sqa.py \
-#                      --batch_size=4 --grad_accum=4                                         (4 x 4 x 2)
+#   8 x A100:      torchrun --standalone --nproc_per_node=8 train.py config/lavin_sqa.py --batch_size=4
+#                                                                                            (4 x 1 x 8)
+#   LaVIN's own:   torchrun --standalone --nproc_per_node=2 train.py config/lavin_sqa.py --batch_size=4
+#                                                                                            (4 x 4 x 2)
 # 12,726 train problems / 32 = 397 steps per epoch, 7,940 steps in all. Memory on one GPU: frozen bf16
 # weights ~14 GB; the routers sit in every layer, so activations of the whole LM and tower are kept for
 # backward (~2-3 GB per 512-token sample in bf16 with SDPA): batch 8 fits in 80 GB, use batch 4 on 40 GB.
@@ -49,7 +49,7 @@ temperature = 0.1
 top_p = 0.75
 
 batch_size = 8
-grad_accum = 4
+global_batch = 32
 epochs = 20.0
 learning_rate = 1.125e-3         # blr 9e-3 x 32 / 256
 min_lr = 0.0

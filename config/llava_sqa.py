@@ -8,9 +8,9 @@
 #
 # Data: the public ScienceQA release (problems.json, pid_splits.json, images/) in data/scienceqa.
 #
-# Effective batch 128 = batch_size x grad_accum x GPUs, as LLaVA-1.5 stage 2:
+# global_batch 128 = batch_size x micro-steps x GPUs, as LLaVA-1.5 stage 2:
 #   8 x A100-80GB: torchrun --standalone --nproc_per_node=8 train.py config/llava_sqa.py   (16 x 1 x 8)
-#   1 x A100-80GB: python train.py config/llava_sqa.py --grad_accum=8                      (16 x 8 x 1)
+#   1 x A100-80GB: python train.py config/llava_sqa.py                                     (16 x 8 x 1)
 # 12,726 train problems / 128 = 99 steps per epoch, 1,188 steps in all. Memory on one GPU: frozen
 # bf16 weights 14 GB + LoRA (320M params, fp32 + AdamW) 5 GB + activations of 16 x ~800 tokens.
 # Full fine-tuning instead (LLaVA's 2e-5 recipe): trainable = ('fusion.', 'lm.'), peft = '',
@@ -39,7 +39,7 @@ max_len = 2048
 max_new_tokens = 8
 
 batch_size = 16
-grad_accum = 1
+global_batch = 128
 epochs = 12.0
 learning_rate = 2e-4
 min_lr = 0.0

@@ -24,9 +24,9 @@
 #   [queries] caption "\n"); the COCO reader adds a caption instruction after "<image>" ('plain' template);
 # - data: COCO Karpathy train, one sample per caption (MiniGPT-4: ~5M LAION / CC / SBU pairs).
 #
-# Effective batch 256 = batch_size x grad_accum x GPUs (MiniGPT-4: 64 x 4 A100s):
+# global_batch 256 = batch_size x micro-steps x GPUs (MiniGPT-4: 64 x 4 A100s):
 #   8 x A100-80GB: torchrun --standalone --nproc_per_node=8 train.py config/minigpt4_coco.py   (32 x 1 x 8)
-#   1 x A100-80GB: python train.py config/minigpt4_coco.py --batch_size=64 --grad_accum=4      (64 x 4 x 1)
+#   1 x A100-80GB: python train.py config/minigpt4_coco.py --batch_size=64                     (64 x 4 x 1)
 # 20,000 steps x 256 = 5.1M samples, ~9 passes over COCO's ~566k captions; 5,000 warm-up steps = 0.25.
 # Memory on one GPU: frozen bf16 weights 14 GB (LLM) + 2 GB (ViT-g) + 0.2 GB (Q-Former); 3.1M trainable.
 # Gradients reach only the projection: nothing runs backward through the tower or the Q-Former.
@@ -56,7 +56,7 @@ max_len = 96
 max_new_tokens = 30
 
 batch_size = 32
-grad_accum = 1
+global_batch = 256
 max_iters = 20000
 learning_rate = 1e-4
 min_lr = 8e-5

@@ -22,9 +22,9 @@
 # Data: liuhaotian/LLaVA-Instruct-150K llava_instruct_150k.json (157,712 conversations) in data/llava, COCO
 # train2017 images in data/coco/train2017.
 #
-# Effective batch 128 = batch_size x grad_accum x GPUs:
+# global_batch 128 = batch_size x micro-steps x GPUs:
 #   8 x A100-80GB: torchrun --standalone --nproc_per_node=8 train.py config/mmca_llava.py   (4 x 4 x 8)
-#   1 x A100-80GB: python train.py config/mmca_llava.py --grad_accum=32                    (4 x 32 x 1)
+#   1 x A100-80GB: python train.py config/mmca_llava.py                                    (4 x 32 x 1)
 # 157,712 / 128 = 1,232 steps per epoch, 7,392 steps in all, 739 of warm-up. Memory on one GPU: frozen bf16
 # weights 14 GB + 135M trained parameters in fp32 with AdamW 2.2 GB + activations of 4 x ~600 tokens through
 # all 32 layers (the gradient reaches the input embeddings), two attention calls per layer.
@@ -48,7 +48,7 @@ max_len = 4096
 final_eval = False           # free-form answers: exact match means nothing; use sample.py / eval.py on a VQA task
 
 batch_size = 4
-grad_accum = 4
+global_batch = 128
 epochs = 6.0
 learning_rate = 1e-3
 min_lr = 0.0

@@ -17,7 +17,7 @@ def args(tiny, data, out, **kw):
     a = dict(init_vision=tiny['dinov2'], init_lm=tiny['lm'], dataset='llava', data_root=data, out_dir=str(out),
              template='qwen2', max_iters=4, eval_interval=4, eval_iters=1, log_interval=1, learning_rate=3e-3,
              warmup_ratio=0.25, peft='lora', lora_r=4, trainable="('fusion.','lora_')", final_eval=False, dtype='float32',
-             max_len=128, threads=1, grad_accum=2)
+             max_len=128, threads=1, global_batch=8)
     a.update(kw)
     return [f'--{k}={v}' for k, v in a.items()]
 

@@ -313,7 +313,7 @@ def test_adem_sqa_config_trains_and_evaluates(tiny, sqa_root, tmp_path, monkeypa
     monkeypatch.setattr(sys, 'argv', [
         'train.py', str(ROOT / 'config' / 'adem_sqa.py'), f'--init_vision={tiny["clip"]}', f'--init_lm={tiny["lm"]}',
         f'--data_root={sqa_root}', f'--eval_captions={tmp_path / "captions.json"}', f'--out_dir={tmp_path / "out"}',
-        '--adem_scales=(16, 4)', '--max_iters=2', '--batch_size=2', '--grad_accum=1', '--dtype=float32',
+        '--adem_scales=(16, 4)', '--max_iters=2', '--batch_size=2', '--global_batch=2', '--dtype=float32',
         '--eval_iters=1', '--eval_limit=2', '--device=cpu', '--log_interval=1'])
     g = runpy.run_path(str(ROOT / 'train.py'), run_name='__main__')
     assert g['step'] == 2 and g['fusion'] == 'adem' and g['template'] == 'base' and g['n_image_tokens'] == 1
@@ -346,11 +346,11 @@ def test_adem_sqa_on_two_processes_matches_one(tiny, sqa_root, tmp_path):
     argv = [str(ROOT / 'config' / 'adem_sqa.py'), f'--init_vision={tiny["clip"]}', f'--init_lm={tiny["lm"]}',
             f'--data_root={sqa_root}', '--eval_captions=', '--adem_scales=(16, 4)', '--max_iters=3', '--dtype=float32',
             '--eval_iters=1', '--device=cpu', '--log_interval=1', '--threads=1', '--final_eval=False']
-    run([*argv, f'--out_dir={tmp_path / "one"}', '--batch_size=2', '--grad_accum=2'])
+    run([*argv, f'--out_dir={tmp_path / "one"}', '--batch_size=2', '--global_batch=4'])
     one = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=True)['model']
     for fsdp in (False, True):
         out = tmp_path / f'fsdp{fsdp}'
-        run([*argv, f'--out_dir={out}', '--batch_size=1', '--grad_accum=2', f'--fsdp={fsdp}'], nproc=2)
+        run([*argv, f'--out_dir={out}', '--batch_size=1', '--global_batch=4', f'--fsdp={fsdp}'], nproc=2)
         assert logged(out) == pytest.approx(logged(tmp_path / 'one'), rel=1e-5, abs=1e-6)
         two = torch.load(out / 'ckpt.pt', weights_only=True)['model']
         assert sorted(two) == sorted(one)

@@ -329,7 +329,7 @@ def test_lavin_sqa_config_takes_two_steps(tiny, sqa_root, tmp_path, monkeypatch)
     zero, only LaVIN's parameters are saved, and the final ScienceQA evaluation runs (sampling as LaVIN)."""
     monkeypatch.setattr(sys, 'argv', [
         'train.py', str(ROOT / 'config' / 'lavin_sqa.py'), f'--init_vision={tiny["clip"]}', f'--init_lm={tiny["lm"]}',
-        f'--data_root={sqa_root}', f'--out_dir={tmp_path}', '--max_iters=2', '--batch_size=2', '--grad_accum=1',
+        f'--data_root={sqa_root}', f'--out_dir={tmp_path}', '--max_iters=2', '--batch_size=2', '--global_batch=2',
         '--dtype=float32', '--eval_iters=1', '--eval_limit=2', '--device=cpu', '--log_interval=1',
         '--max_new_tokens=8'])
     g = runpy.run_path(str(ROOT / 'train.py'), run_name='__main__')
@@ -359,7 +359,7 @@ def test_ddp_with_a_text_only_micro_batch(tiny, sqa_root, tmp_path):
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
            str(ROOT / 'config' / 'lavin_sqa.py'), f'--init_vision={tiny["clip"]}', f'--init_lm={tiny["lm"]}',
-           f'--data_root={sqa_root}', f'--out_dir={tmp_path}', '--max_iters=4', '--batch_size=1', '--grad_accum=1',
+           f'--data_root={sqa_root}', f'--out_dir={tmp_path}', '--max_iters=4', '--batch_size=1', '--global_batch=2',
            '--dtype=float32', '--eval_iters=1', '--final_eval=False', '--device=cpu', '--threads=1', '--log_interval=1']
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

@@ -256,7 +256,7 @@ def test_recipe_takes_two_steps(tiny, shapes_json, tmp_path, monkeypatch):
     from safetensors.torch import load_file
     monkeypatch.setattr(sys, 'argv', ['train.py', str(ROOT / 'config' / 'mmca_llava.py'), f'--init_vision={tiny["clip"]}',
                                       f'--init_lm={tiny["lm"]}', f'--data_root={shapes_json}', '--image_root=',
-                                      f'--out_dir={tmp_path}', '--max_iters=2', '--batch_size=2', '--grad_accum=1',
+                                      f'--out_dir={tmp_path}', '--max_iters=2', '--batch_size=2', '--global_batch=2',
                                       '--template=qwen2', '--dtype=float32', '--eval_iters=1', '--max_len=128',
                                       '--device=cpu', '--log_interval=1'])
     g = runpy.run_path(str(ROOT / 'train.py'), run_name='__main__')

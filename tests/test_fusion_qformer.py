@@ -268,7 +268,7 @@ SMALL = ['--qformer_dim=32', '--qformer_layers=2', '--qformer_heads=4', '--qform
 
 def tiny_args(tiny, coco_root, out):
     return [f'--init_vision={tiny["clip"]}', f'--init_lm={tiny["lm"]}', f'--data_root={coco_root}', f'--out_dir={out}',
-            '--image_size=32', '--max_iters=2', '--batch_size=2', '--grad_accum=1', '--template=qwen2',
+            '--image_size=32', '--max_iters=2', '--batch_size=2', '--global_batch=2', '--template=qwen2',
             '--dtype=float32', '--eval_iters=1', '--eval_limit=2', '--device=cpu', '--log_interval=1']
 
 

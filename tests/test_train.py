@@ -231,7 +231,7 @@ def test_llava_sqa_config_takes_two_steps(tiny, sqa_root, tmp_path, monkeypatch)
     """The LLaVA-1.5 ScienceQA recipe builds and trains with tiny local stand-ins for CLIP-L/336 and Vicuna-7B."""
     g = train(monkeypatch, str(ROOT / 'config' / 'llava_sqa.py'), f'--init_vision={tiny["clip"]}',
               f'--init_lm={tiny["lm"]}', f'--data_root={sqa_root}', f'--out_dir={tmp_path}', '--max_iters=2',
-              '--batch_size=2', '--grad_accum=1', '--template=qwen2', '--dtype=float32', '--eval_iters=1',
+              '--batch_size=2', '--global_batch=2', '--template=qwen2', '--dtype=float32', '--eval_iters=1',
               '--eval_limit=2', '--device=cpu', '--log_interval=1')
     assert g['step'] == 2 and g['fusion'] == 'llava' and g['vision_layer'] == -2
     assert len(losses(tmp_path)) == 2 and all(l == l for l in losses(tmp_path))
@@ -265,3 +265,36 @@ def test_build_vlm_reads_only_arch_keys(tiny, fusion):
     assert set(arch_keys(cfg)) == {k for k in cfg if not k.startswith(tuple(f + '_' for f in FUSIONS if f != fusion))}
     model = build_vlm(cfg)
     assert any(p.requires_grad for p in model.fusion.parameters())
+
+
+class _Stop(Exception):
+    pass
+
+
+def _no_process_group(**kw):
+    raise _Stop
+
+
+@pytest.mark.parametrize('world,batch,accum', [(1, 2, 16), (2, 2, 8), (8, 2, 2), (8, 4, 1)])
+def test_global_batch_sets_the_micro_steps(monkeypatch, capsys, world, batch, accum):
+    """config/adem_sqa.py's 32 samples per step on 1, 2 and 8 processes, the same command on each: simulated ranks
+    (the arithmetic runs before the process group starts, which the test stops)."""
+    for k, v in dict(WORLD_SIZE=world, RANK=0, LOCAL_RANK=0).items():
+        monkeypatch.setenv(k, str(v))
+    monkeypatch.setattr(torch.distributed, 'init_process_group', _no_process_group)
+    with pytest.raises(_Stop):
+        train(monkeypatch, str(ROOT / 'config' / 'adem_sqa.py'), f'--batch_size={batch}')
+    assert f"batch: 32 samples per step = {batch} per process x {accum} micro-steps x {world} processes" in \
+        capsys.readouterr().out
+
+
+def test_global_batch_that_does_not_divide(monkeypatch):
+    for k, v in dict(WORLD_SIZE=8, RANK=0, LOCAL_RANK=0).items():
+        monkeypatch.setenv(k, str(v))
+    with pytest.raises(SystemExit, match=r"global_batch=32 is not a multiple of batch_size=3 x 8 processes: set "
+                                         r"batch_size to one of \[1, 2, 4\]"):
+        train(monkeypatch, str(ROOT / 'config' / 'adem_sqa.py'), '--batch_size=3')
+    with pytest.raises(SystemExit, match='make global_batch a multiple of 8'):
+        train(monkeypatch, '--global_batch=12', '--batch_size=1')
+    with pytest.raises(SystemExit, match=r"'grad_accum' is now global_batch"):
+        train(monkeypatch, '--grad_accum=2')
