@@ -1102,12 +1102,31 @@ def image_inputs(model, images, image_cfg, *, cache=None, device='cpu', dtype=to
         pixels = torch.stack([p if p is not None else blank for p in px]).to(device=device, dtype=dtype)
         return dict(pixels=pixels, feats=None, has_image=has_image)
     todo = sorted({x for x in images if x is not None and x not in cache})
+    fresh = {}
     for i in range(0, len(todo), 64):
         chunk = todo[i:i + 64]
         px = torch.stack([preprocess_image(load_image(x), image_cfg) for x in chunk])
         with torch.no_grad(), autocast:
             f = model.image_features(px.to(device=device, dtype=dtype))
-        cache.update(zip(chunk, f.to(dtype)))
-    blank = torch.zeros_like(cache[next(x for x in images if x is not None)])
-    return dict(pixels=None, feats=torch.stack([cache[x] if x is not None else blank for x in images]),
+        fresh.update(zip(chunk, f.to(device='cpu', dtype=dtype)))  # host memory: the GPU's is for training
+    store = cache.add if isinstance(cache, FeatureCache) else cache.__setitem__
+    for x, f in fresh.items():
+        store(x, f)
+    feats = {**fresh, **{x: cache[x] for x in images if x is not None and x not in fresh}}
+    blank = torch.zeros_like(next(iter(feats.values())))
+    return dict(pixels=None, feats=torch.stack([feats[x] if x is not None else blank for x in images]).to(device),
                 has_image=has_image)
+
+
+class FeatureCache(dict):
+    """Frozen-tower features by image source, in host memory, up to max_bytes (train.py's cache_features_gb):
+    past that, an image not cached yet runs through the tower each time it comes up. A plain dict is unbounded."""
+
+    def __init__(self, max_bytes=float('inf')):
+        super().__init__()
+        self.max_bytes, self.nbytes = max_bytes, 0
+
+    def add(self, key, feats):
+        if self.nbytes + feats.nbytes <= self.max_bytes:
+            self[key] = feats
+            self.nbytes += feats.nbytes

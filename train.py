@@ -123,12 +123,14 @@ device = 'auto'              # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = 'auto'               # 'float32' | 'bfloat16' | 'float16' | 'auto' (bf16 on GPUs that have it, else fp32);
                              # frozen weights are stored in it, trained ones in fp32
 fsdp = False                 # under torchrun: FSDP2 (fully_shard per block) instead of DDP
-cache_features = True        # compute the frozen tower's features once per image
+cache_features_gb = 16.0      # the frozen tower's features once per image, kept in host memory up to this
+                             # many GB per process (0 = off); images past the bound run through the tower each time
 threads = 0                  # torch CPU threads (0 = torch's default)
 seed = 1337
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
 defaults = {k: globals()[k] for k in config_keys}
 _renamed = {'cross_attn_every_n_layers': 'flamingo_every', 'router_temperature': 'lavin_temperature',  # configurator
+            'cache_features': 'cache_features_gb (0 = off)',
             'grad_accum': 'global_batch (grad_accum follows from global_batch / (batch_size x processes))'}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}
@@ -280,7 +282,8 @@ print0(f"data: {len(train_ds)} train{skips(train_ds)} / {len(eval_ds)} eval samp
        f"{n_image_tokens} visual tokens per image")
 # the frozen tower's features, once per image, when no tower parameter trains (not under FSDP, whose
 # sharded tower runs inside the model's forward)
-feats_cache = {} if cache_features and not fsdp and not any(p.requires_grad for p in model.vision.parameters()) else None
+feats_cache = data.FeatureCache(cache_features_gb * 2 ** 30) if cache_features_gb > 0 and not fsdp and \
+    not any(p.requires_grad for p in model.vision.parameters()) else None
 
 
 def image_inputs(images):

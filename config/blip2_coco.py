@@ -26,6 +26,8 @@
 # ~566k train captions / 512 = ~1,106 steps per epoch, ~11,060 for 10 epochs: LAVIS's 2,000 warm-up steps
 # are a warm-up ratio of 0.18. Memory on one GPU: frozen bf16 weights 14 GB (LLM) + 0.6 GB (tower), 104.8M
 # trainable parameters (fp32 + AdamW state: 1.7 GB), activations of 64 x ~70 tokens through the 7B LLM.
+# Feature cache (host memory, per process): 257 x 1024 bf16 = 0.5 MB per image, 60 GB for COCO's 113K training
+# images; the default cache_features_gb = 16 holds ~32K of them, the rest run through the tower each time.
 
 out_dir = 'out/blip2_coco'
 init_vision = 'openai/clip-vit-large-patch14'

@@ -40,7 +40,7 @@ train_split = 'train'
 eval_split = 'test'
 max_len = 128
 max_new_tokens = 20                # OpenFlamingo's captioning eval: max_generation_length 20
-cache_features = False
+cache_features_gb = 0.0      # off: see above
 
 batch_size = 32
 global_batch = 256

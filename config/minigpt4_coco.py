@@ -30,6 +30,8 @@
 # 20,000 steps x 256 = 5.1M samples, ~9 passes over COCO's ~566k captions; 5,000 warm-up steps = 0.25.
 # Memory on one GPU: frozen bf16 weights 14 GB (LLM) + 2 GB (ViT-g) + 0.2 GB (Q-Former); 3.1M trainable.
 # Gradients reach only the projection: nothing runs backward through the tower or the Q-Former.
+# Feature cache (host memory, per process): 257 x 1408 bf16 = 0.7 MB per image, 82 GB for COCO's 113K training
+# images; the default cache_features_gb = 16 holds ~23K of them, the rest run through the tower each time.
 
 out_dir = 'out/minigpt4_coco'
 init_vision = 'laion/CLIP-ViT-g-14-laion2B-s12B-b42K'

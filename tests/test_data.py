@@ -668,3 +668,24 @@ def test_left_pad():
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
     assert mask.tolist() == [[True] * 3, [False, False, True], [False] * 3]
     assert ids.dtype == torch.long and mask.dtype == torch.bool
+
+
+def test_feature_cache_is_host_memory_and_bounded():
+    """image_inputs keeps the frozen tower's features on the host, up to the cache's bound; past it, images run
+    through the tower each time, and every call returns the same features as no cache at all."""
+    class Tower:  # a stand-in for the VLM's image_features: one token per image, its mean pixel per channel
+        calls = 0
+
+        def image_features(self, px):
+            Tower.calls += len(px)
+            return px.mean((2, 3))[:, None]  # (B, 1, 3)
+    images = list(dict.fromkeys(s["image"] for s in data.read_easy_vqa("test")))[:4]  # 4 different images
+    cfg = data.image_config(tower="clip", size=32, crop_size=32)
+    cache = data.FeatureCache(max_bytes=2 * 3 * 4)  # room for two images' features (float32)
+    want = Tower().image_features(data.image_inputs(None, images, cfg)["pixels"])
+    Tower.calls = 0
+    got = data.image_inputs(Tower(), images + [None], cfg, cache=cache)
+    assert torch.equal(got["feats"][:4], want) and (got["feats"][4] == 0).all() and Tower.calls == 4
+    assert len(cache) == 2 and cache.nbytes == 24 and all(f.device.type == "cpu" for f in cache.values())
+    again = data.image_inputs(Tower(), images, cfg, cache=cache)
+    assert torch.equal(again["feats"], want) and Tower.calls == 6  # the two that did not fit ran again
