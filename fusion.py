@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import IMAGE_TOKEN, Attention, Decoder, ViT, VLM, load_weights, read_config, resolve
+from model import IMAGE_TOKEN, Attention, Decoder, ViT, VLM, load_weights, read_config, resolve, run_block
 import peft
 
 # -----------------------------------------------------------------------------
@@ -878,7 +878,7 @@ class LaVIN(nn.Module):
         x = vision.embed(pixels)  # (B, 1 + N, Dv)
         cls = []
         for i, blk in enumerate(vision.blocks[:self.layers[-1]], start=1):
-            x = blk(x)
+            x = run_block(blk, x, recompute=vision.grad_checkpoint)
             if i in self.layers:
                 cls.append(x[:, 0])
         return torch.stack(cls, dim=1)  # (B, n_visual, Dv)

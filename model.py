@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # Configs. Plain dataclasses; `from_hf` reads a Hugging Face config.json dict.
@@ -152,6 +153,14 @@ def _act_name(hf_name):
     return names[hf_name]
 
 
+def run_block(blk, *args, recompute=False):
+    """blk(*args); with recompute (activation checkpointing, Chen et al. 2016) the block's activations are not
+    kept for the backward but recomputed there, the dropout masks included: the same gradients for less memory."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(blk, *args, use_reentrant=False)
+    return blk(*args)
+
+
 def act_fn(name, x):
     if name == 'quick_gelu':
         return x * torch.sigmoid(1.702 * x)
@@ -214,6 +223,7 @@ class ViT(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, n_pos, cfg.dim))
         self.pre_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.pre_norm else None
         self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.n_layers))
+        self.grad_checkpoint = False  # recompute each block's activations in the backward (train.py's key)
         # CLIP: post_layernorm (HF applies it to the pooled CLS only); DINOv2 / SigLIP: on every token
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
@@ -250,7 +260,7 @@ class ViT(nn.Module):
         n = layer % (self.cfg.n_layers + 1)
         x = self.embed(pixels)
         for blk in self.blocks[:n]:
-            x = blk(x)
+            x = run_block(blk, x, recompute=self.grad_checkpoint)
         return self.norm(x) if norm else x  # (B, [1 +] N, D)
 
     def hidden_states(self, pixels):
@@ -458,6 +468,7 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.grad_checkpoint = False  # recompute each block's activations in the backward (train.py's key)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
@@ -484,7 +495,7 @@ class Decoder(nn.Module):
         ctx = Ctx(cos=cos, sin=sin, mask=self.attn_mask(B, T, start, pad_mask, x.device), cache=cache,
                   media=media if media is not None else {})
         for blk in self.blocks:
-            x = blk(x, ctx)
+            x = run_block(blk, x, ctx, recompute=self.grad_checkpoint)
         if cache is not None:
             cache.pos += T
         return self.norm(x)

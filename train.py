@@ -123,6 +123,8 @@ device = 'auto'              # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = 'auto'               # 'float32' | 'bfloat16' | 'float16' | 'auto' (bf16 on GPUs that have it, else fp32);
                              # frozen weights are stored in it, trained ones in fp32
 fsdp = False                 # under torchrun: FSDP2 (fully_shard per block) instead of DDP
+grad_checkpoint = False      # activation checkpointing of every decoder and tower block: the same gradients, less
+                             # memory, ~1.3x the compute (LLaVA's gradient_checkpointing; full fine-tunes)
 cache_features_gb = 16.0      # the frozen tower's features once per image, kept in host memory up to this
                              # many GB per process (0 = off); images past the bound run through the tower each time
 threads = 0                  # torch CPU threads (0 = torch's default)
@@ -233,6 +235,7 @@ if init_from == 'resume':
 elif init_from != 'scratch':
     raise SystemExit(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
 model = build_vlm(config, dtype=ptdtype, device=device)
+model.lm.grad_checkpoint = model.vision.grad_checkpoint = grad_checkpoint
 for p in model.parameters():
     if p.requires_grad:
         p.data = p.data.float()  # master weights of what trains stay in float32

@@ -298,3 +298,32 @@ def test_global_batch_that_does_not_divide(monkeypatch):
         train(monkeypatch, '--global_batch=12', '--batch_size=1')
     with pytest.raises(SystemExit, match=r"'grad_accum' is now global_batch"):
         train(monkeypatch, '--grad_accum=2')
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny):
+    """grad_checkpoint recomputes every decoder and tower block in the backward: ADEM-VL (adapters in the tower,
+    so the backward runs through it) + LoRA with dropout (the recomputed masks must be the same ones)."""
+    from fusion import build_vlm
+    cfg = dict(init_vision=tiny['clip'], init_lm=tiny['lm'], fusion='adem', peft='lora', vision_layer=-1,
+               vision_norm=True, trainable=(), adem_scales=(16, 4), adem_adapter_dim=4, lora_r=2, lora_dropout=0.1)
+    ids = torch.cat([torch.randint(3, 100, (2, 3)), torch.full((2, 1), -200), torch.randint(3, 100, (2, 6))], 1)
+    labels, pixels = ids.masked_fill(ids < 0, -100), torch.randn(2, 3, 32, 32)
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = build_vlm(cfg).train()
+        model.lm.grad_checkpoint = model.vision.grad_checkpoint = recompute
+        torch.manual_seed(1)  # the same dropout draws in both runs
+        model(ids, pixels=pixels, labels=labels).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and any('vision.' in n for n in grads[0])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-8, msg=n)
+
+
+def test_grad_checkpoint_key_trains_the_same(tiny, shapes_json, tmp_path, monkeypatch):
+    train(monkeypatch, *base_args(tiny, shapes_json, tmp_path / 'a', max_iters=3, eval_interval=3))
+    g = train(monkeypatch, *base_args(tiny, shapes_json, tmp_path / 'b', max_iters=3, eval_interval=3,
+                                      grad_checkpoint=True))
+    assert g['model'].lm.grad_checkpoint and g['model'].vision.grad_checkpoint
+    assert losses(tmp_path / 'b') == pytest.approx(losses(tmp_path / 'a'), rel=1e-6)
