@@ -70,24 +70,35 @@ def run(model, samples, io, *, task, features=None, batch_size=32, max_new_token
     """Generate an answer for every sample's prompt (its messages minus the final answer, then
     io['answer_prefix'], which the generated text continues and is not part of), batched with left padding
     and sorted by length, score them, and return {'task', 'n', 'metrics', 'predictions'}.
-    Under DDP each rank generates a strided share; rank 0 gathers and scores (others get None).
+    Under DDP each rank generates a strided share; rank 0 gathers and scores (others get None). Under FSDP every
+    block's forward is a collective, so the shares are padded to one length (repeats, discarded) and decoding
+    goes on until every rank's rows are done: all ranks run the same forward passes.
     features(images) -> dict(pixels, feats, has_image): the caller's (cached) image pipeline.
     temperature 0 decodes greedily; > 0 samples (top_p: nucleus), e.g. LaVIN's 0.1 / 0.75."""
     from tqdm import tqdm
     tok = io['tok']
     features = features or (lambda images: data.image_inputs(model, images, io['image_cfg'], device=device, dtype=dtype))
     mine = list(range(rank, len(samples), world))
+    real = set(mine)  # the prompts this rank answers; the others are padding
+    sharded = hasattr(model, 'unshard')  # FSDP2
+    if sharded:  # every rank the same number of prompts, so the same number of batches
+        mine += [mine[-1] if mine else 0] * (-(-len(samples) // world) - len(mine))
     prompts = {i: data.encode_prompt(tok, io['template'], samples[i]['messages'][:-1], io['n_image_tokens'],
                                      model.lm.cfg.max_seq_len - max_new_tokens, system=io['system'],
-                                     answer_prefix=io.get('answer_prefix', '')) for i in mine}
+                                     answer_prefix=io.get('answer_prefix', '')) for i in set(mine)}
     mine.sort(key=lambda i: len(prompts[i]))
+    all_done = None
+    if sharded and world > 1:
+        def all_done(done):  # stop decoding only when every rank's rows are done
+            flag = done.all().float()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            return bool(flag.item())
     stop_ids = data.stop_ids(tok, io['template'])
     texts = {}
     was_training = model.training
     model.eval()
-    sharded = hasattr(model, 'unshard')  # FSDP2: gather the root's parameters for calls outside forward()
     if sharded:
-        model.unshard()
+        model.unshard()  # gather the root's parameters for the calls outside forward()
     tty = sys.stdout.isatty() and sys.stderr.isatty()  # in a log file: a plain line per tenth instead of a bar
     starts = range(0, len(mine), batch_size)
     for n, k in enumerate(tqdm(starts, disable=not progress or rank != 0 or not tty, desc=f'eval {task}',
@@ -98,9 +109,11 @@ def run(model, samples, io, *, task, features=None, batch_size=32, max_new_token
         ids, mask = data.left_pad([prompts[i] for i in idx], tok.pad_id)
         with autocast:
             out = model.generate(ids.to(device), pad_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 stop_ids=stop_ids, temperature=temperature, top_p=top_p,
+                                 stop_ids=stop_ids, temperature=temperature, top_p=top_p, all_done=all_done,
                                  **features([data.image_sources(samples[i]) for i in idx]))
         for i, row in zip(idx, out.tolist()):
+            if i not in real:
+                continue
             cut = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
             text = tok.decode(row[:cut])
             texts[i] = text.split('\n')[0] if io['template'] == 'plain' else text  # a merged newline token

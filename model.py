@@ -533,11 +533,12 @@ class Decoder(nn.Module):
 
     @torch.inference_mode()
     def stream(self, idx, *, pad_mask=None, embeds=None, media=None, max_new_tokens=64, temperature=0.0,
-               top_p=1.0, stop_ids=(), generator=None):
+               top_p=1.0, stop_ids=(), generator=None, all_done=None):
         """Yield the next token of every row, one (B,) tensor per step, until every row has produced
         a stop token or max_new_tokens. idx (B, T) prompt ids, left-padded with pad_mask (B, T)
         (False on padding). embeds (B, T, D) replaces the prompt embeddings (VLM prompts).
-        Finished rows keep yielding their stop token; callers cut at the first stop."""
+        Finished rows keep yielding their stop token; callers cut at the first stop. all_done(done (B,))
+        -> bool decides when to stop (default: every row here is done; FSDP: on every rank, eval.run)."""
         B, T = idx.shape
         if T + max_new_tokens > self.cfg.max_seq_len:
             raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
@@ -560,7 +561,7 @@ class Decoder(nn.Module):
             tok = torch.where(done, stop[0], tok)
             yield tok
             done = done | torch.isin(tok, stop)
-            if bool(done.all()):
+            if all_done(done) if all_done is not None else bool(done.all()):
                 return
             h = self(tok[:, None], pos=nxt_pos, pad_mask=use_mask, cache=cache, media=media)[:, -1]
             nxt_pos = nxt_pos + 1

@@ -54,3 +54,19 @@ def test_two_processes_match_one(tiny, shapes_json, single, tmp_path, fsdp):
     # the distributed checkpoint resumes in one process
     run(args(tiny, shapes_json, tmp_path, batch_size=4, max_iters=5, init_from='resume'))
     assert len(losses(tmp_path)) == 5
+
+
+def test_fsdp_final_evaluation_completes_and_scores_like_one_process(tiny, shapes_json, tmp_path):
+    """Every FSDP block forward is a collective: 9 eval prompts on 2 ranks (5 and 4, 2 and 1 batches of 4) and
+    rows that stop at different steps must not leave a rank waiting. The 2-process answers equal eval.py's on
+    the same checkpoint in one process."""
+    run(args(tiny, shapes_json, tmp_path, batch_size=1, global_batch=2, fsdp=True, final_eval=True, eval_limit=9,
+             max_new_tokens=6), nproc=2)
+    two = json.load(open(tmp_path / 'eval_test.json'))
+    p = subprocess.run([sys.executable, 'eval.py', f'--ckpt={tmp_path / "ckpt.pt"}', '--limit=9', '--batch_size=4',
+                        '--max_new_tokens=6', f'--out={tmp_path / "one.json"}'], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 0, p.stderr[-3000:]
+    one = json.load(open(tmp_path / 'one.json'))
+    assert two['n'] == one['n'] == 9 and two['metrics'] == one['metrics']
+    assert [r['text'] for r in two['predictions']] == [r['text'] for r in one['predictions']]
