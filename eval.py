@@ -29,7 +29,12 @@ def load_vlm(path, device='cpu', dtype=torch.float32):
     ckpt = load_checkpoint(path)
     cfg = ckpt['config']
     model = build_vlm(cfg, dtype=dtype, device=device)
-    peft.load_trainable_state_dict(model, ckpt['model'], where=path)
+    if ckpt.get('sharded'):  # a full fine-tune's weights, written by every FSDP rank: read them all here
+        import torch.distributed.checkpoint as dcp
+        weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        dcp.load({'model': weights}, checkpoint_id=os.path.join(os.path.dirname(path), ckpt['sharded']))
+    else:
+        peft.load_trainable_state_dict(model, ckpt['model'], where=path)
     return model.eval(), data.prepare(cfg, model), cfg
 
 

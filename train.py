@@ -12,6 +12,7 @@ defaults below are globals, overridden by a config file and --key=value (configu
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +20,9 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_optimizer_state_dict,
+                                                     set_state_dict)
 from tqdm import tqdm
 
 import data
@@ -239,10 +242,13 @@ model.lm.grad_checkpoint = model.vision.grad_checkpoint = grad_checkpoint
 for p in model.parameters():
     if p.requires_grad:
         p.data = p.data.float()  # master weights of what trains stay in float32
-if ckpt is not None:
+if ckpt is not None and not ckpt.get('sharded'):
     peft_methods.load_trainable_state_dict(model, ckpt['model'], where=ckpt_path)
 torch.manual_seed(seed + rank)  # from here on (dropout), each rank draws its own numbers
 n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+# a full fine-tune under FSDP (most parameters train) saves sharded: every rank writes its own shards with
+# torch.distributed.checkpoint, and no rank gathers the whole model (7B: ~84 GB of weights + AdamW state)
+sharded_ckpt = ddp and fsdp and n_train > 0.1 * sum(p.numel() for p in model.parameters())
 print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {n_train / 1e6:.3f}M trainable")
 
 io = data.prepare(config, model)
@@ -371,9 +377,16 @@ def get_lr(step):
 
 step, bad_steps, bad_image_steps, best_val = 0, 0, 0, float('inf')
 resumed_from = None
-if ckpt is not None:
+if ckpt is not None and ckpt.get('sharded'):  # every rank reads its shards (any world size: DCP reshards)
+    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.load({'model': msd, 'optimizer': osd}, checkpoint_id=os.path.join(out_dir, ckpt['sharded']))
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd,  # frozen weights: from their files
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    msd = osd = None
+elif ckpt is not None:
     set_optimizer_state_dict(model, optimizer, optim_state_dict=ckpt['optimizer'],
                              options=StateDictOptions(full_state_dict=ddp))
+if ckpt is not None:
     scaler.load_state_dict(ckpt['scaler'])
     step, bad_steps, best_val = ckpt['step'], ckpt['bad_steps'], ckpt['best_val']
     bad_image_steps, resumed_from = ckpt.get('bad_image_steps', 0), step
@@ -422,15 +435,27 @@ def val_loss():
 def save_checkpoint():
     """Trainable weights + optimizer + step + RNG + config, gathered to rank 0 (names without DDP / FSDP
     wrappers, so any setup can resume it), written to a temporary file and renamed: an interrupted write
-    leaves the previous checkpoint intact."""
-    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    leaves the previous checkpoint intact. A sharded checkpoint (sharded_ckpt) writes the weights and the
+    optimizer into ckpt_sharded/step_N/ from every rank, and ckpt.pt, which names that folder, is renamed
+    into place only after it: the step's shards are complete before anything points at them."""
+    shards = None
+    if sharded_ckpt:
+        msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+        shards = f'ckpt_sharded/step_{step:07d}'
+        dcp.save({'model': msd, 'optimizer': osd}, checkpoint_id=os.path.join(out_dir, shards))
+        msd = osd = None
+    else:
+        msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
     if not master:
         return
-    state = dict(model=msd, optimizer=osd, scaler=scaler.state_dict(), step=step, bad_steps=bad_steps,
+    state = dict(model=msd, optimizer=osd, sharded=shards, scaler=scaler.state_dict(), step=step, bad_steps=bad_steps,
                  bad_image_steps=bad_image_steps, best_val=best_val, data_pos=step * per_step, config=config,
                  rng={'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None})
     atomic_save(state, ckpt_file)
+    for old in os.listdir(os.path.join(out_dir, 'ckpt_sharded')) if shards else ():  # the steps nothing points at
+        if f'ckpt_sharded/{old}' != shards:
+            shutil.rmtree(os.path.join(out_dir, 'ckpt_sharded', old))
 
 # -----------------------------------------------------------------------------
 # the loop

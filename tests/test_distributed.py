@@ -19,7 +19,7 @@ def args(tiny, data, out, **kw):
              warmup_ratio=0.25, peft='lora', lora_r=4, trainable="('fusion.','lora_')", final_eval=False, dtype='float32',
              max_len=128, threads=1, global_batch=8)
     a.update(kw)
-    return [f'--{k}={v}' for k, v in a.items()]
+    return [f'--{k}={v}' for k, v in a.items() if v is not None]  # None: leave the key at train.py's default
 
 
 def run(argv, nproc=1):
@@ -70,3 +70,22 @@ def test_fsdp_final_evaluation_completes_and_scores_like_one_process(tiny, shape
     one = json.load(open(tmp_path / 'one.json'))
     assert two['n'] == one['n'] == 9 and two['metrics'] == one['metrics']
     assert [r['text'] for r in two['predictions']] == [r['text'] for r in one['predictions']]
+
+
+def test_sharded_checkpoint_of_a_full_fine_tune_resumes_exactly(tiny, shapes_json, tmp_path):
+    """A full fine-tune under FSDP (the whole LM trains) checkpoints sharded: every rank writes its shards, ckpt.pt
+    holds none of the weights, and resuming gives the uninterrupted run's losses (constant learning rate, so that
+    the shorter first run has the same schedule). eval.py reads the shards back in one process."""
+    full = dict(peft='', lora_r=None, trainable="('fusion.','lm.')", fsdp=True, batch_size=2, global_batch=4,
+                warmup_ratio=0.0, min_lr=3e-3, eval_interval=3)
+    run(args(tiny, shapes_json, tmp_path / 'whole', max_iters=6, **full), nproc=2)
+    run(args(tiny, shapes_json, tmp_path / 'cut', max_iters=3, **full), nproc=2)
+    ckpt = torch.load(tmp_path / 'cut' / 'ckpt.pt', weights_only=True)
+    assert ckpt['model'] is None and ckpt['optimizer'] is None and ckpt['sharded'] == 'ckpt_sharded/step_0000003'
+    assert sorted(p.name for p in (tmp_path / 'cut' / ckpt['sharded']).glob('*.distcp')) == ['__0_0.distcp', '__1_0.distcp']
+    run(args(tiny, shapes_json, tmp_path / 'cut', max_iters=6, init_from='resume', **full), nproc=2)
+    assert losses(tmp_path / 'cut') == pytest.approx(losses(tmp_path / 'whole'), rel=1e-6, abs=1e-7)
+    assert [p.name for p in (tmp_path / 'cut' / 'ckpt_sharded').iterdir()] == ['step_0000006']  # older steps go
+    p = subprocess.run([sys.executable, 'eval.py', f'--ckpt={tmp_path / "cut" / "ckpt.pt"}', '--limit=2'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 0 and '2 samples' in p.stdout, p.stderr[-3000:]
