@@ -1074,20 +1074,32 @@ def prepare(cfg, model):
                 answer_prefix=cfg.get('answer_prefix', ''))
 
 
+def load_pixels(images, image_cfg, *, cache=None):
+    """{source: preprocessed pixels (3, H, W)} for every distinct image of a batch's sources (lists flattened)
+    that `cache` does not hold: the CPU half of image_inputs, which train.py runs a step ahead in a thread."""
+    flat = [y for x in images for y in (x if isinstance(x, list) else [x])]
+    return {x: preprocess_image(load_image(x), image_cfg) for x in dict.fromkeys(flat)
+            if x is not None and (cache is None or x not in cache)}
+
+
 def image_inputs(model, images, image_cfg, *, cache=None, device='cpu', dtype=torch.float32, autocast=nullcontext(),
-                 always=False):
+                 always=False, loaded=None):
     """Image sources (path or bytes; None for a text-only sample) -> dict(pixels, feats, has_image) for
     VLM.forward / generate. With a `cache` dict the frozen tower runs once per distinct image, in chunks
     of 64 in sorted order, so the same features come back however the batches are composed. A list of
     sources for a sample (image_sources) gives its images in order: pixels / feats (B, M, ...) and
     has_image (B, M), M the most images of a sample in the batch.
     always=True: a batch without images gets blank pixels too, so that the tower runs for every batch
-    (FSDP: every rank must run the same sharded blocks, whatever its share of the batch holds)."""
+    (FSDP: every rank must run the same sharded blocks, whatever its share of the batch holds).
+    loaded: pixels already made by load_pixels, by source; the others are loaded here."""
+    def pixels_of(x):
+        return loaded[x] if loaded is not None and x in loaded else preprocess_image(load_image(x), image_cfg)
+
     if any(isinstance(x, list) for x in images):  # several images per sample: as B*M single images
         lists = [x if isinstance(x, list) else [] if x is None else [x] for x in images]
         M = max(len(x) for x in lists)
         flat = image_inputs(model, [x[j] if j < len(x) else None for x in lists for j in range(M)], image_cfg,
-                            cache=cache, device=device, dtype=dtype, autocast=autocast, always=always)
+                            cache=cache, device=device, dtype=dtype, autocast=autocast, always=always, loaded=loaded)
         return {k: None if v is None else v.unflatten(0, (len(images), M)) for k, v in flat.items()}
     has_image = torch.tensor([x is not None for x in images], device=device)
     if not has_image.any():
@@ -1097,7 +1109,7 @@ def image_inputs(model, images, image_cfg, *, cache=None, device='cpu', dtype=to
         return dict(pixels=torch.zeros(len(images), 3, side, side, device=device, dtype=dtype), feats=None,
                     has_image=has_image)
     if cache is None:
-        px = [preprocess_image(load_image(x), image_cfg) if x is not None else None for x in images]
+        px = [pixels_of(x) if x is not None else None for x in images]
         blank = torch.zeros_like(next(p for p in px if p is not None))
         pixels = torch.stack([p if p is not None else blank for p in px]).to(device=device, dtype=dtype)
         return dict(pixels=pixels, feats=None, has_image=has_image)
@@ -1105,7 +1117,7 @@ def image_inputs(model, images, image_cfg, *, cache=None, device='cpu', dtype=to
     fresh = {}
     for i in range(0, len(todo), 64):
         chunk = todo[i:i + 64]
-        px = torch.stack([preprocess_image(load_image(x), image_cfg) for x in chunk])
+        px = torch.stack([pixels_of(x) for x in chunk])
         with torch.no_grad(), autocast:
             f = model.image_features(px.to(device=device, dtype=dtype))
         fresh.update(zip(chunk, f.to(device='cpu', dtype=dtype)))  # host memory: the GPU's is for training

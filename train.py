@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 import torch
@@ -295,18 +296,27 @@ feats_cache = data.FeatureCache(cache_features_gb * 2 ** 30) if cache_features_g
     not any(p.requires_grad for p in model.vision.parameters()) else None
 
 
-def image_inputs(images):
+def image_inputs(images, loaded=None):
     return data.image_inputs(raw_model, images, io['image_cfg'], cache=feats_cache, device=device, dtype=ptdtype,
-                             autocast=autocast, always=ddp and fsdp)
+                             autocast=autocast, always=ddp and fsdp, loaded=loaded)
 
 
 def image_args(b):
     return {k: b[k] for k in ('pixels', 'feats', 'has_image')}
 
 
-def get_batch(ds, indices):
+def host_batch(ds, indices):
+    """The CPU side of a batch: collated tokens and the decoded, preprocessed images the cache lacks."""
     b = data.collate([ds[i] for i in indices], pad_id=tok.pad_id)
-    return dict(ids=b['input_ids'].to(device), labels=b['labels'].to(device), **image_inputs(b['images']))
+    return b, data.load_pixels(b['images'], io['image_cfg'], cache=feats_cache)
+
+
+def to_device(b, loaded):
+    return dict(ids=b['input_ids'].to(device), labels=b['labels'].to(device), **image_inputs(b['images'], loaded))
+
+
+def get_batch(ds, indices):
+    return to_device(*host_batch(ds, indices))
 
 
 # The sample stream is a pure function of (seed, step): epoch e visits a seeded permutation, and optimizer
@@ -329,10 +339,22 @@ def sample_index(g):
     return _perms[epoch][i]
 
 
-def step_batches(step):
+def host_step(step):
     base = step * grad_accum * batch_size * world
-    return [get_batch(train_ds, [sample_index(base + (m * world + rank) * batch_size + j) for j in range(batch_size)])
+    return [host_batch(train_ds, [sample_index(base + (m * world + rank) * batch_size + j) for j in range(batch_size)])
             for m in range(grad_accum)]
+
+
+# The CPU side of the next step (tokens, image decoding and preprocessing) runs in a thread while this step
+# trains, so the accelerator does not wait on PIL; what a step gets is still a function of the step alone.
+_prefetch, _ahead = ThreadPoolExecutor(max_workers=1), {}
+
+
+def step_batches(step):
+    work = _ahead.pop(step, None) or _prefetch.submit(host_step, step)
+    if step + 1 < max_steps:
+        _ahead[step + 1] = _prefetch.submit(host_step, step + 1)
+    return [to_device(b, loaded) for b, loaded in work.result()]  # a decoding error surfaces here, at its step
 
 # -----------------------------------------------------------------------------
 # distributed wrapping, optimizer, schedule
@@ -566,6 +588,7 @@ while step < max_steps:
             if wandb_log:
                 wandb.log(rec)
     validate_and_save()
+_prefetch.shutdown()
 if bar is not None:
     bar.close()
 

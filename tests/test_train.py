@@ -327,3 +327,19 @@ def test_grad_checkpoint_key_trains_the_same(tiny, shapes_json, tmp_path, monkey
                                       grad_checkpoint=True))
     assert g['model'].lm.grad_checkpoint and g['model'].vision.grad_checkpoint
     assert losses(tmp_path / 'b') == pytest.approx(losses(tmp_path / 'a'), rel=1e-6)
+
+
+def test_images_decode_in_the_prefetch_thread(tiny, shapes_json, tmp_path, monkeypatch):
+    """The next step's images are decoded and preprocessed in a thread while a step trains (no feature cache:
+    every step needs pixels); the losses are those of the run that decodes in the main thread."""
+    import threading
+    import data
+    train(monkeypatch, *base_args(tiny, shapes_json, tmp_path / 'a', max_iters=4, cache_features_gb=0.0))
+    where, load = [], data.load_image
+
+    def recording(src):
+        where.append(threading.current_thread() is threading.main_thread())
+        return load(src)
+    monkeypatch.setattr(data, 'load_image', recording)
+    train(monkeypatch, *base_args(tiny, shapes_json, tmp_path / 'b', max_iters=4, cache_features_gb=0.0))
+    assert where.count(False) >= 8 and losses(tmp_path / 'b') == losses(tmp_path / 'a')
