@@ -70,6 +70,21 @@ class LLaVAProjector(SelectedTokens):
     def forward(self, feats, *, has_image=None, ids=None):
         return self.fc2(F.gelu(self.fc1(self.selected(feats)))), {}
 
+
+def build_llava(vision, lm, *, select='patch', init=''):
+    """The LLaVA projector; with `init` (llava_init) a llava-hf checkpoint (hub id or folder) whose
+    multi_modal_projector it loads: init_vision and init_lm may name the same checkpoint, a public LLaVA whole."""
+    proj = LLaVAProjector(vision.cfg.dim, lm.cfg.dim, select=select)
+    if init:
+        folder = resolve(init)
+        act = read_config(folder).get('projector_hidden_act', 'gelu')
+        if act != 'gelu':
+            raise ValueError(f"llava_init {init}: projector_hidden_act {act!r}; LLaVA-1.5's projector uses 'gelu'")
+        key_map = {f'multi_modal_projector.linear_{i}.{p}': f'fc{i}.{p}' for i in (1, 2) for p in ('weight', 'bias')}
+        load_weights(proj, folder, key_map, renames=('', ('model.', '')),  # newer saves: model.multi_modal_projector
+                     ignore=('vision_tower.', 'language_model.', 'lm_head.', 'image_newline'))
+    return proj
+
 # Deviations from the reference code: select='cls' (the CLS token alone) is ours, for CPU budgets.
 
 # -----------------------------------------------------------------------------
@@ -949,7 +964,7 @@ def build_vlm(cfg, dtype=torch.float32, device='cpu'):
     name, own = cfg['fusion'], method_keys(cfg, cfg['fusion'])
     select = cfg.get('vision_feature', 'patch') if vision.cfg.cls_token else 'cls_patch'  # SigLIP: no CLS token
     if name == 'llava':
-        fusion = LLaVAProjector(vision.cfg.dim, lm.cfg.dim, select=select)
+        fusion = build_llava(vision, lm, select=select, **own)
     elif name == 'qformer':
         fusion = build_qformer(vision.cfg.dim, lm.cfg.dim, **own)
     elif name == 'flamingo':

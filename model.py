@@ -277,7 +277,8 @@ class ViT(nn.Module):
         with torch.device('meta'):
             model = ViT(cfg)
         load_weights(model, folder, vit_key_map(cfg), dtype=dtype, device=device,
-                     renames=('', 'vision_model.', 'vision_tower.vision_model.', 'model.vision_tower.vision_model.'),
+                     renames=('', 'vision_model.', 'vision_tower.vision_model.', 'model.vision_tower.vision_model.',
+                              'vision_tower.', 'model.vision_tower.'),  # llava-hf saves (hub; transformers 5)
                      ignore=VIT_IGNORE)
         return model.eval()
 

@@ -115,11 +115,12 @@ def trainable_state_dict(model):
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state_dict(model, state, where='checkpoint'):
+def load_trainable_state_dict(model, state, where='checkpoint', *, partial=False):
     """Load a trainable_state_dict back. The checkpoint must hold exactly the model's trainable
-    parameters with the same shapes: anything else means it came from a different model / method."""
+    parameters with the same shapes: anything else means it came from a different model / method.
+    partial=True (a stage-1 checkpoint starting stage 2): trainable parameters it lacks keep their init."""
     params = dict(model.named_parameters())
-    want = {n for n, p in params.items() if p.requires_grad}
+    want = set() if partial else {n for n, p in params.items() if p.requires_grad}
     unknown = sorted(set(state) - set(params))
     missing = sorted(want - set(state))
     shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(params[k].shape)}"

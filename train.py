@@ -37,7 +37,8 @@ from model import atomic_save, load_checkpoint, remove_stale_temporaries
 # default job is config/easyvqa_cpu.py, each method's variant of it config/<method>_easyvqa_cpu.py)
 # I/O
 out_dir = 'out/easyvqa'
-init_from = 'scratch'        # 'scratch': public weights + new fusion / PEFT; 'resume': continue out_dir/ckpt.pt
+init_from = 'scratch'        # 'scratch': public weights + new fusion / PEFT; 'resume': continue out_dir/ckpt.pt;
+                             # or another run's ckpt.pt: start from its trained weights (LLaVA's stage 1 -> stage 2)
 overwrite = False            # 'scratch' into an out_dir that holds a ckpt.pt or log.jsonl: refused unless True
 eval_interval = 250          # validation loss every this many steps (and a checkpoint)
 eval_iters = 10              # batches in a validation-loss estimate
@@ -63,6 +64,8 @@ lora_r = 8
 lora_alpha = 16
 lora_dropout = 0.0
 lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+# LLaVA-1.5 (fusion = 'llava')
+llava_init = ''               # a llava-hf checkpoint (hub id / folder) whose projector loads ('' = a new one)
 # DS-VisualChat (fusion = 'mmca')
 mmca_attention = True        # False keeps its projection but uses plain causal attention
 # Flamingo (fusion = 'flamingo')
@@ -201,7 +204,7 @@ if master:
         print0(f"removed {os.path.join(out_dir, name)}: a checkpoint write that was killed midway")
 # a new run never replaces an old one unasked: every rank checks, so that all of them stop
 there = [f for f in ('ckpt.pt', 'log.jsonl') if os.path.exists(os.path.join(out_dir, f))]
-if init_from == 'scratch' and there:
+if init_from != 'resume' and there:
     if not overwrite:
         try:
             what = f" (step {load_checkpoint(ckpt_file)['step']})" if 'ckpt.pt' in there else ''
@@ -236,8 +239,8 @@ if init_from == 'resume':
     check_resume_config(ckpt['config'], _given)
     for k in arch_keys(ckpt['config']):  # the architecture comes from the checkpoint
         config[k] = globals()[k] = ckpt['config'][k]
-elif init_from != 'scratch':
-    raise SystemExit(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
+elif init_from != 'scratch' and not os.path.isfile(init_from):
+    raise SystemExit(f"init_from must be 'scratch', 'resume' or a train.py checkpoint file; {init_from!r} is none")
 model = build_vlm(config, dtype=ptdtype, device=device)
 model.lm.grad_checkpoint = model.vision.grad_checkpoint = grad_checkpoint
 for p in model.parameters():
@@ -245,6 +248,8 @@ for p in model.parameters():
         p.data = p.data.float()  # master weights of what trains stay in float32
 if ckpt is not None and not ckpt.get('sharded'):
     peft_methods.load_trainable_state_dict(model, ckpt['model'], where=ckpt_path)
+if init_from not in ('scratch', 'resume'):  # the earlier stage's trained weights; what it did not train stays new
+    peft_methods.load_trainable_state_dict(model, load_checkpoint(init_from)['model'], where=init_from, partial=True)
 torch.manual_seed(seed + rank)  # from here on (dropout), each rank draws its own numbers
 n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
 # a full fine-tune under FSDP (most parameters train) saves sharded: every rank writes its own shards with

@@ -48,3 +48,12 @@ def test_vlm_logits_match_hf_llava(tmp_path):
     with torch.no_grad():
         other = ours(our_ids, pixels=pixels.flip(0))
     assert (other[:, -1] - got[:, -1]).abs().max() > 1e-3
+    # a llava-hf folder loads whole: tower, LM and (llava_init) projector from the one checkpoint
+    from fusion import build_vlm
+    hf.save_pretrained(tmp_path / 'llava')
+    folder = str(tmp_path / 'llava')
+    whole = build_vlm(dict(init_vision=folder, init_lm=folder, fusion='llava', llava_init=folder, vision_layer=-2,
+                           vision_norm=False, vision_feature='patch')).eval()
+    with torch.no_grad():
+        assert rel_err(whole(our_ids, pixels=pixels), want) < 1e-4
+    assert torch.equal(whole.fusion.fc2.bias, p.linear_2.bias)

@@ -343,3 +343,25 @@ def test_images_decode_in_the_prefetch_thread(tiny, shapes_json, tmp_path, monke
     monkeypatch.setattr(data, 'load_image', recording)
     train(monkeypatch, *base_args(tiny, shapes_json, tmp_path / 'b', max_iters=4, cache_features_gb=0.0))
     assert where.count(False) >= 8 and losses(tmp_path / 'b') == losses(tmp_path / 'a')
+
+
+def test_llava_stage2_starts_from_stage1(tiny, shapes_json, tmp_path, monkeypatch):
+    """config/llava_stage1.py (projector only) then config/llava_stage2.py from its checkpoint (init_from), with
+    tiny stand-ins: at learning rate 0, stage 2 ends with exactly stage 1's projector while the LM trains too."""
+    tiny_args = [f'--init_vision={tiny["clip"]}', f'--init_lm={tiny["lm"]}', f'--data_root={shapes_json}',
+                 '--image_root=', '--batch_size=2', '--global_batch=2', '--dtype=float32', '--eval_iters=1',
+                 '--max_len=128', '--log_interval=1']
+    g1 = train(monkeypatch, str(ROOT / 'config' / 'llava_stage1.py'), *tiny_args, f'--out_dir={tmp_path / "s1"}',
+               '--max_iters=2')
+    assert {n for n, p in g1['model'].named_parameters() if p.requires_grad} == \
+        {n for n, _ in g1['model'].named_parameters() if n.startswith('fusion.')}
+    stage1 = torch.load(tmp_path / 's1' / 'ckpt.pt', weights_only=True)['model']
+    g2 = train(monkeypatch, str(ROOT / 'config' / 'llava_stage2.py'), *tiny_args, f'--out_dir={tmp_path / "s2"}',
+               f'--init_from={tmp_path / "s1" / "ckpt.pt"}', '--max_iters=1', '--learning_rate=0.0', '--fsdp=False',
+               '--template=qwen2')
+    params = dict(g2['model'].named_parameters())
+    assert params['lm.blocks.0.attn.q.weight'].requires_grad and set(stage1) < set(params)
+    assert all(torch.equal(params[k].detach(), v) for k, v in stage1.items())
+    with pytest.raises(SystemExit, match="init_from must be 'scratch', 'resume' or a train.py checkpoint file"):
+        train(monkeypatch, str(ROOT / 'config' / 'llava_stage2.py'), *tiny_args, f'--out_dir={tmp_path / "s3"}',
+              f'--init_from={tmp_path / "nothing.pt"}')
