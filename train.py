@@ -130,6 +130,8 @@ device = 'auto'              # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = 'auto'               # 'float32' | 'bfloat16' | 'float16' | 'auto' (bf16 on GPUs that have it, else fp32);
                              # frozen weights are stored in it, trained ones in fp32
 fsdp = False                 # under torchrun: FSDP2 (fully_shard per block) instead of DDP
+sharded_checkpoint = False   # every rank writes its own shards (torch.distributed.checkpoint) and none gathers the
+                             # model: for full fine-tunes under FSDP (7B: ~84 GB of weights + AdamW state)
 grad_checkpoint = False      # activation checkpointing of every decoder and tower block: the same gradients, less
                              # memory, ~1.3x the compute (LLaVA's gradient_checkpointing; full fine-tunes)
 cache_features_gb = 16.0      # the frozen tower's features once per image, kept in host memory up to this
@@ -252,9 +254,6 @@ if init_from not in ('scratch', 'resume'):  # the earlier stage's trained weight
     peft_methods.load_trainable_state_dict(model, load_checkpoint(init_from)['model'], where=init_from, partial=True)
 torch.manual_seed(seed + rank)  # from here on (dropout), each rank draws its own numbers
 n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-# a full fine-tune under FSDP (most parameters train) saves sharded: every rank writes its own shards with
-# torch.distributed.checkpoint, and no rank gathers the whole model (7B: ~84 GB of weights + AdamW state)
-sharded_ckpt = ddp and fsdp and n_train > 0.1 * sum(p.numel() for p in model.parameters())
 print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {n_train / 1e6:.3f}M trainable")
 
 io = data.prepare(config, model)
@@ -462,11 +461,11 @@ def val_loss():
 def save_checkpoint():
     """Trainable weights + optimizer + step + RNG + config, gathered to rank 0 (names without DDP / FSDP
     wrappers, so any setup can resume it), written to a temporary file and renamed: an interrupted write
-    leaves the previous checkpoint intact. A sharded checkpoint (sharded_ckpt) writes the weights and the
+    leaves the previous checkpoint intact. A sharded checkpoint (sharded_checkpoint) writes the weights and the
     optimizer into ckpt_sharded/step_N/ from every rank, and ckpt.pt, which names that folder, is renamed
     into place only after it: the step's shards are complete before anything points at them."""
     shards = None
-    if sharded_ckpt:
+    if sharded_checkpoint:
         msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
         shards = f'ckpt_sharded/step_{step:07d}'
         dcp.save({'model': msd, 'optimizer': osd}, checkpoint_id=os.path.join(out_dir, shards))

@@ -23,6 +23,7 @@ template = 'vicuna_v1'
 trainable = ('fusion.', 'lm.')  # the projector and the whole LLM (the tower stays frozen)
 fsdp = True
 grad_checkpoint = True
+sharded_checkpoint = True     # no rank gathers the 112 GB of state
 
 dataset = 'llava'
 data_root = 'data/llava_665k/llava_v1_5_mix665k.json'

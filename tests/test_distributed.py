@@ -73,11 +73,11 @@ def test_fsdp_final_evaluation_completes_and_scores_like_one_process(tiny, shape
 
 
 def test_sharded_checkpoint_of_a_full_fine_tune_resumes_exactly(tiny, shapes_json, tmp_path):
-    """A full fine-tune under FSDP (the whole LM trains) checkpoints sharded: every rank writes its shards, ckpt.pt
+    """A full fine-tune under FSDP (the whole LM trains) with sharded_checkpoint: every rank writes its shards, ckpt.pt
     holds none of the weights, and resuming gives the uninterrupted run's losses (constant learning rate, so that
     the shorter first run has the same schedule). eval.py reads the shards back in one process."""
-    full = dict(peft='', lora_r=None, trainable="('fusion.','lm.')", fsdp=True, batch_size=2, global_batch=4,
-                warmup_ratio=0.0, min_lr=3e-3, eval_interval=3)
+    full = dict(peft='', lora_r=None, trainable="('fusion.','lm.')", fsdp=True, sharded_checkpoint=True, batch_size=2,
+                global_batch=4, warmup_ratio=0.0, min_lr=3e-3, eval_interval=3)
     run(args(tiny, shapes_json, tmp_path / 'whole', max_iters=6, **full), nproc=2)
     run(args(tiny, shapes_json, tmp_path / 'cut', max_iters=3, **full), nproc=2)
     ckpt = torch.load(tmp_path / 'cut' / 'ckpt.pt', weights_only=True)
