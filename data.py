@@ -33,6 +33,7 @@ Conventions shared with model.py / train.py / eval.py:
 import importlib.util
 import io
 import json
+import re
 import warnings
 from collections import Counter
 from contextlib import nullcontext
@@ -967,6 +968,9 @@ def read_okvqa(questions_file, annotations_file, *, image_root, prompt=VQA_PROMP
     tie); 'answers' keeps all 10 for the VQA accuracy (metrics.vqa_score, as LAVIS scores OK-VQA)."""
     qdata = _load_json(questions_file)
     questions = _get(qdata, "questions", list, questions_file)
+    named = re.search(r"(train|val)2014", Path(questions_file).name)  # the official names carry the subtype
+    if not subtype and "data_subtype" not in qdata and named:
+        subtype = named.group(0)
     subtype = subtype or _get(qdata, "data_subtype", str, f"{questions_file} (or pass subtype=)")
     image_root = Path(image_root) / subtype if (Path(image_root) / subtype).is_dir() else Path(image_root)
     annotations = {}

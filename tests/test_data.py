@@ -645,6 +645,9 @@ def test_read_okvqa(tmp_path):
     assert s["messages"] == [("user", "<image>\nQuestion: What sport can you use this for? Short answer:"),
                              ("assistant", "race")]  # race 4 = motocross 4: the first given wins the tie
     assert s["answers"] == raw
+    _write(tmp_path / "OpenEnded_mscoco_val2014_questions.json", {"questions": [  # no data_subtype: from the name
+        {"image_id": 297147, "question": "What sport can you use this for?", "question_id": 2971475}]})
+    assert data.read_split(_cfg("okvqa", tmp_path), "val")[0]["image"] == s["image"]
     assert _score("okvqa", [s], ["motocross"]) == {"overall": pytest.approx(100.0), "other": pytest.approx(100.0)}
     _write(tmp_path / "mscoco_val2014_annotations.json", {"annotations": [{"question_id": 2971475, "answers": []}]})
     with pytest.raises(ValueError, match=r"annotations.json: annotation 0: field 'answers' is empty"):
