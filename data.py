@@ -33,6 +33,7 @@ Conventions shared with model.py / train.py / eval.py:
 import importlib.util
 import io
 import json
+import re
 import warnings
 from collections import Counter
 from contextlib import nullcontext
@@ -854,11 +855,62 @@ def read_llava_json(path, *, image_root=None):
     return samples
 
 
-def read_interleaved(path, *, image_root=None):
+def _mmc4_entry(doc, where, sim_threshold, max_images):
+    """An mmC4 document (Zhu et al. 2023, allenai/mmc4: {'url', 'text_list': [sentences], 'image_info':
+    [{'image_name', 'matched_text_index', 'matched_sim', 'raw_url', ...}], 'similarity_matrix', ...}) ->
+    {'images', 'text'} as open_flamingo train/data.py preprocess_interleaved builds its text: images whose
+    matched_sim is below sim_threshold (None: keep all) are dropped, the first max_images kept (in image_info
+    order, OpenFlamingo's 6), each sentence with an image gets "<|endofchunk|><image>" in front, the sentences
+    are joined with spaces, the first "<|endofchunk|>" is removed and one is appended. Deviations: the matching
+    is mmC4's own matched_text_index (OpenFlamingo recomputes the same one-to-one assignment from
+    similarity_matrix with linear_sum_assignment, over the images it could decode, >= 10 KB); images are listed
+    in the order they appear in the text (OpenFlamingo keeps image_info order, which can disagree with it)."""
+    sentences = list(_get(doc, "text_list", list, where))
+    if not all(isinstance(t, str) for t in sentences):
+        raise ValueError(f"{where}: field 'text_list' should hold strings")
+    matched = []
+    for k, info in enumerate(_get(doc, "image_info", list, where)):
+        w = f"{where} image_info[{k}]"
+        name, ix = _get(info, "image_name", str, w), _get(info, "matched_text_index", int, w)
+        if not 0 <= ix < len(sentences):
+            raise ValueError(f"{w}: matched_text_index {ix} is out of range for {len(sentences)} sentences")
+        if sim_threshold is not None and _get(info, "matched_sim", (int, float), w) < sim_threshold:
+            continue
+        matched.append((ix, name))
+    matched = matched[:max_images] if max_images else matched
+    if not matched:
+        raise ValueError(f"{where}: no image left (of {len(doc['image_info'])}) after the similarity threshold")
+    for ix, _ in matched:
+        sentences[ix] = f"{ENDOFCHUNK}{IMAGE_PLACEHOLDER}{sentences[ix]}"
+    text = " ".join(sentences).replace(ENDOFCHUNK, "", 1)
+    text = (text.replace(" " + ENDOFCHUNK, ENDOFCHUNK).replace(IMAGE_PLACEHOLDER + " ", IMAGE_PLACEHOLDER)
+            .replace(" " + IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER)) + ENDOFCHUNK  # OpenFlamingo's whitespace cleanup
+    out = {"images": [name for _, name in sorted(matched, key=lambda m: m[0])], "text": text}
+    return {**out, "id": doc["url"]} if isinstance(doc.get("url"), str) else out
+
+
+def _load_jsonl(path):
+    """One JSON value per non-empty line (mmC4's docs_shard_{i}_v2.jsonl)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n + 1} is not valid JSON ({e})") from None
+    return out
+
+
+def read_interleaved(path, *, image_root=None, sim_threshold=None, max_images=6):
     """Interleaved image-text sequences in OpenFlamingo's text format (open_flamingo train/data.py: MMC4 and
     its ChatGPT-generated sequences): [{'id', 'images': [file, ...], 'text': "Intro.<image>A cat sits.
     <|endofchunk|><image>A dog runs.<|endofchunk|>"}], one file per "<image>", in order (relative to
     image_root). Spaces around "<image>" and before "<|endofchunk|>" are removed, as OpenFlamingo does.
+    The file is a JSON list or JSON lines (.jsonl); an entry may also be an mmC4 document (text_list,
+    image_info: see _mmc4_entry, which sim_threshold and max_images are for; images are image_root/image_name).
     The text becomes turns for the 'flamingo' template whose labels are OpenFlamingo's (train_utils.py):
     nothing before the first "<image>" nor "<image>" itself; everything after an "<image>" up to and including
     the next "<|endofchunk|>"; nothing between an "<|endofchunk|>" and the next "<image>". So each user turn is
@@ -866,12 +918,14 @@ def read_interleaved(path, *, image_root=None):
     (the template appends it). A chunk must end with "<|endofchunk|>" before the next "<image>"; the last one
     may omit it (OpenFlamingo appends one); text after the last chunk carries no label and is dropped.
     'answers' is the last chunk (as a few-shot prompt, the earlier chunks are the examples)."""
-    data = _load_json(path)
+    data = _load_jsonl(path) if str(path).endswith(".jsonl") else _load_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a list of {{'images': [...], 'text': ...}} entries")
     samples = []
     for i, entry in enumerate(data):
         where = f"{path}: entry {i} (id {entry.get('id') if isinstance(entry, dict) else None})"
+        if isinstance(entry, dict) and "text_list" in entry:
+            entry = _mmc4_entry(entry, f"{path}: entry {i} (url {entry.get('url')})", sim_threshold, max_images)
         files, text = _get(entry, "images", list, where), _get(entry, "text", str, where)
         if not all(isinstance(f, str) for f in files):
             raise ValueError(f"{where}: field 'images' should hold file names")
@@ -891,6 +945,301 @@ def read_interleaved(path, *, image_root=None):
         images = [str(Path(image_root) / f) if image_root is not None else f for f in files]
         samples.append({"id": str(entry.get("id", i)), "image": images[0], "images": images, "messages": messages,
                         "answers": [messages[-1][1]]})
+    return samples
+
+
+def _most_common(answers):
+    """The most frequent answer, the first given on a tie (Counter.most_common keeps insertion order)."""
+    return Counter(answers).most_common(1)[0][0]
+
+
+def okvqa_files(root, split):
+    """OK-VQA v1.1 (okvqa.allenai.org) under its official names: (OpenEnded_mscoco_{split}2014_questions.json,
+    mscoco_{split}2014_annotations.json), split 'train' | 'val'."""
+    root = Path(root)
+    return root / f"OpenEnded_mscoco_{split}2014_questions.json", root / f"mscoco_{split}2014_annotations.json"
+
+
+def read_okvqa(questions_file, annotations_file, *, image_root, prompt=VQA_PROMPT_SHORT, subtype=None):
+    """OK-VQA (Marino et al. 2019) in its VQAv2-style files: questions {'data_subtype': 'val2014', 'questions':
+    [{question_id, image_id, question}]}, annotations {'annotations': [{question_id, answers: [10 x {answer,
+    raw_answer, ...}], answer_type, question_type}]} (no multiple_choice_answer, unlike VQAv2) and COCO 2014
+    images named as in read_vqav2. The training target is the most frequent of the 10 answers (the first on a
+    tie); 'answers' keeps all 10 for the VQA accuracy (metrics.vqa_score, as LAVIS scores OK-VQA)."""
+    qdata = _load_json(questions_file)
+    questions = _get(qdata, "questions", list, questions_file)
+    named = re.search(r"(train|val)2014", Path(questions_file).name)  # the official names carry the subtype
+    if not subtype and "data_subtype" not in qdata and named:
+        subtype = named.group(0)
+    subtype = subtype or _get(qdata, "data_subtype", str, f"{questions_file} (or pass subtype=)")
+    image_root = Path(image_root) / subtype if (Path(image_root) / subtype).is_dir() else Path(image_root)
+    annotations = {}
+    for i, ann in enumerate(_get(_load_json(annotations_file), "annotations", list, annotations_file)):
+        annotations[_get(ann, "question_id", int, f"{annotations_file}: annotation {i}")] = (i, ann)
+    samples = []
+    for i, q in enumerate(questions):
+        where = f"{questions_file}: question {i}"
+        qid, image_id, text = (_get(q, "question_id", int, where), _get(q, "image_id", int, where),
+                               _get(q, "question", str, where))
+        if qid not in annotations:
+            raise ValueError(f"{annotations_file}: no annotation for question_id {qid}")
+        j, ann = annotations[qid]
+        where = f"{annotations_file}: annotation {j}"
+        answers = [_get(a, "answer", str, f"{where} answers") for a in _get(ann, "answers", list, where)]
+        if not answers:
+            raise ValueError(f"{where}: field 'answers' is empty")
+        image = str(image_root / f"COCO_{subtype}_{image_id:012d}.jpg")
+        samples.append({"id": str(qid), "image": image, "messages": [("user", _user(prompt.format(q=text), image)),
+                                                                     ("assistant", _most_common(answers))],
+                        "answers": answers, "question": text, "image_id": image_id,
+                        "answer_type": ann.get("answer_type"), "question_type": ann.get("question_type")})
+    return samples
+
+
+OPTIONS_SUFFIX = "Answer with the option's letter from the given choices directly."  # LLaVA-1.5's MC suffix
+
+
+def choices_prompt(question, choices, options="ABCDEFGH"):
+    """'{question}\\nA. c1\\nB. c2\\n...' + the LLaVA-1.5 multiple-choice instruction."""
+    lines = [f"{options[k]}. {c}" for k, c in enumerate(choices)]
+    return "\n".join([question, *lines, OPTIONS_SUFFIX])
+
+
+def read_aokvqa(path, *, image_root, mode="da", prompt=VQA_PROMPT_SHORT):
+    """A-OKVQA (Schwenk et al. 2022; allenai/aokvqa load_aokvqa.py) from aokvqa_v1p0_{split}.json: [{question_id,
+    image_id, question, choices: [4], correct_choice_idx, direct_answers: [10], difficult_direct_answer,
+    rationales: [3], split}] (the test split has no correct_choice_idx / direct_answers / rationales); images
+    are COCO 2017, {image_root}/{split}2017/{image_id:012d}.jpg (get_coco_path).
+    mode 'mc': the user turn lists the choices as letters (choices_prompt), the target is the letter, 'answers'
+    the correct choice's text (metrics.aokvqa_score compares choice strings). mode 'da': `prompt` with the
+    question, the target the most frequent direct answer, 'answers' the 10 direct answers.
+    Samples keep choices, correct_choice_idx, direct_answers, difficult_direct_answer and rationales."""
+    if mode not in ("mc", "da"):
+        raise ValueError(f"A-OKVQA mode must be 'mc' or 'da', got {mode!r}")
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of questions")
+    samples = []
+    for i, entry in enumerate(data):
+        where = f"{path}: entry {i} (question_id {entry.get('question_id') if isinstance(entry, dict) else None})"
+        qid, text = _get(entry, "question_id", str, where), _get(entry, "question", str, where)
+        image_id, split = _get(entry, "image_id", int, where), _get(entry, "split", str, where)
+        choices = _get(entry, "choices", list, where)
+        if not choices or not all(isinstance(c, str) for c in choices):
+            raise ValueError(f"{where}: field 'choices' should hold strings")
+        image = str(Path(image_root) / f"{split}2017" / f"{image_id:012d}.jpg")
+        sample = {"id": qid, "image": image, "question": text, "image_id": image_id, "choices": choices,
+                  "answers": [], "rationales": entry.get("rationales")}
+        has_answers = "correct_choice_idx" in entry or "direct_answers" in entry
+        if has_answers:
+            idx = _get(entry, "correct_choice_idx", int, where)
+            if not 0 <= idx < len(choices):
+                raise ValueError(f"{where}: correct_choice_idx {idx} is out of range for {len(choices)} choices")
+            direct = _get(entry, "direct_answers", list, where)
+            if not direct or not all(isinstance(a, str) for a in direct):
+                raise ValueError(f"{where}: field 'direct_answers' should hold strings")
+            sample.update(correct_choice_idx=idx, direct_answers=direct,
+                          difficult_direct_answer=_get(entry, "difficult_direct_answer", bool, where))
+        if mode == "mc":
+            sample["messages"] = [("user", _user(choices_prompt(text, choices), image))]
+            if has_answers:
+                sample["messages"].append(("assistant", "ABCDEFGH"[idx]))
+                sample["answers"] = [choices[idx]]
+        else:
+            sample["messages"] = [("user", _user(prompt.format(q=text), image))]
+            if has_answers:
+                sample["messages"].append(("assistant", _most_common(direct)))
+                sample["answers"] = direct
+        samples.append(sample)
+    return samples
+
+
+def _textvqa_image(image_root, split, image_id):
+    """TextVQA / TextCaps images: train and val in train_images/, test in test_images/ (the official
+    train_val_images.zip and test_images.zip), {image_id}.jpg."""
+    return str(Path(image_root) / ("test_images" if split == "test" else "train_images") / f"{image_id}.jpg")
+
+
+def _textvqa_data(path):
+    """The 'data' list of a TextVQA / TextCaps release file ({'dataset_name', 'dataset_version', 'data': [...]})."""
+    return _get(_load_json(path), "data", list, path)
+
+
+def read_textvqa(path, *, image_root, split=None, prompt=VQA_PROMPT_SHORT):
+    """TextVQA 0.5.1 (Singh et al. 2019) from TextVQA_0.5.1_{split}.json: {'data': [{question_id, question,
+    image_id, answers: [10] (not in test), set_name, ...}]}; images as _textvqa_image (split from the file's
+    set_name unless given). Target: the most frequent answer; 'answers' the 10 for the VQA accuracy. No OCR
+    tokens in the prompt (InstructBLIP / PETAL prompt with the question only)."""
+    samples = []
+    for i, entry in enumerate(_textvqa_data(path)):
+        where = f"{path}: data[{i}]"
+        qid, text = _get(entry, "question_id", int, where), _get(entry, "question", str, where)
+        image_id = _get(entry, "image_id", str, where)
+        image = _textvqa_image(image_root, split or _get(entry, "set_name", str, where), image_id)
+        sample = {"id": str(qid), "image": image, "messages": [("user", _user(prompt.format(q=text), image))],
+                  "answers": [], "question": text, "image_id": image_id}
+        if "answers" in entry:
+            answers = _get(entry, "answers", list, where)
+            if not answers or not all(isinstance(a, str) for a in answers):
+                raise ValueError(f"{where}: field 'answers' should be a non-empty list of strings")
+            sample["messages"].append(("assistant", _most_common(answers)))
+            sample["answers"] = answers
+        samples.append(sample)
+    return samples
+
+
+def read_textcaps(path, *, image_root, split=None, prompt=CAPTION_PROMPT, per_caption=False):
+    """TextCaps 0.1 (Sidorov et al. 2020) from TextCaps_0.1_{split}.json: {'data': [{image_id, set_name,
+    caption_str, reference_strs: [5], ...}]}, one entry per caption in train / val (each with the image's
+    reference_strs), one per image without captions in test. Images as _textvqa_image. One sample per image
+    ('answers' = reference_strs, the target its first caption), or per_caption=True: one per caption entry."""
+    images = {}  # image_id -> (set_name, [captions], references)
+    for i, entry in enumerate(_textvqa_data(path)):
+        where = f"{path}: data[{i}]"
+        image_id, set_name = _get(entry, "image_id", str, where), split or _get(entry, "set_name", str, where)
+        captions, refs = [], []
+        if "caption_str" in entry or "reference_strs" in entry:
+            captions = [_get(entry, "caption_str", str, where)]
+            refs = _get(entry, "reference_strs", list, where)
+            if not refs or not all(isinstance(r, str) for r in refs):
+                raise ValueError(f"{where}: field 'reference_strs' should be a non-empty list of strings")
+        item = images.setdefault(image_id, (set_name, [], refs))
+        item[1].extend(captions)
+    samples = []
+    for image_id, (set_name, captions, refs) in images.items():
+        image = _textvqa_image(image_root, set_name, image_id)
+        user = IMAGE_PLACEHOLDER + (f"\n{prompt}" if prompt else "")
+        if not captions:  # test: nothing to train on or score against
+            samples.append({"id": image_id, "image": image, "messages": [("user", user)], "answers": [],
+                            "image_id": image_id})
+        for k, target in enumerate(captions if per_caption else captions[:1]):
+            samples.append({"id": f"{image_id}-{k}" if per_caption else image_id, "image": image,
+                            "messages": [("user", user), ("assistant", target.strip())], "answers": refs,
+                            "image_id": image_id})
+    return samples
+
+
+def read_flickr30k_karpathy(path, *, image_root, split, prompt=CAPTION_PROMPT, per_caption=False):
+    """Flickr30K on the Karpathy split, from Karpathy's dataset_flickr30k.json: {'images': [{'filename', 'imgid',
+    'split': 'train' | 'val' | 'test', 'sentences': [{'raw', 'tokens'}], ...}]} (29,000 / 1,014 / 1,000 images;
+    the same layout as dataset_coco.json without 'filepath'). Images: {image_root}/{filename} (the
+    flickr30k-images folder). One sample per image ('answers' = its 5 references, the target the first), or
+    per_caption=True: one per caption."""
+    samples = []
+    for i, img in enumerate(_get(_load_json(path), "images", list, path)):
+        where = f"{path}: images[{i}]"
+        if _get(img, "split", str, where) != split:
+            continue
+        file = str(Path(image_root) / _get(img, "filename", str, where))
+        refs = [_get(s, "raw", str, f"{where} sentences") for s in _get(img, "sentences", list, where)]
+        if not refs:
+            raise ValueError(f"{where}: no sentences")
+        image_id = str(img.get("imgid", img["filename"]))
+        user = IMAGE_PLACEHOLDER + (f"\n{prompt}" if prompt else "")
+        for k, target in enumerate(refs if per_caption else refs[:1]):
+            samples.append({"id": f"{image_id}-{k}" if per_caption else image_id, "image": file,
+                            "messages": [("user", user), ("assistant", target.strip())], "answers": refs,
+                            "image_id": image_id})
+    return samples
+
+
+MMLU_LETTERS = "ABCD"
+
+
+def mmlu_prompt(subject, question, choices):
+    """Zero-shot MMLU prompt as hendrycks/test evaluate.py (gen_prompt with k = 0, format_example):
+    'The following are multiple choice questions (with answers) about  {subject}.\\n\\n{q}\\nA. a\\n...\\nAnswer:', with
+    the reference's double space (format_subject puts a space before every word of the subject)."""
+    head = f"The following are multiple choice questions (with answers) about  {subject.replace('_', ' ')}.\n\n"
+    return head + question + "".join(f"\n{MMLU_LETTERS[k]}. {c}" for k, c in enumerate(choices)) + "\nAnswer:"
+
+
+def read_mmlu(root, split="test", *, subjects=None):
+    """MMLU (Hendrycks et al. 2021; the official data.tar: data/{split}/{subject}_{split}.csv, split 'dev' (5 per
+    subject), 'val' or 'test'; no header; columns question, A, B, C, D, answer letter). Text only, zero-shot
+    (mmlu_prompt); the target is the letter (the reference compares the next-token logits of " A" .. " D" after
+    "Answer:"; here the answer is generated and its letter parsed). `subjects`: only these (default: every CSV)."""
+    import csv
+    folder = Path(root) / split
+    if not folder.is_dir() and (Path(root) / "data" / split).is_dir():
+        folder = Path(root) / "data" / split
+    files = sorted(folder.glob(f"*_{split}.csv"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no {{subject}}_{split}.csv files (MMLU's data/{split}/ layout)")
+    if subjects is not None:
+        have = {f.name[:-len(f"_{split}.csv")]: f for f in files}
+        missing = [s for s in subjects if s not in have]
+        if missing:
+            raise FileNotFoundError(f"{folder}: no {missing[0]}_{split}.csv")
+        files = [have[s] for s in subjects]
+    samples = []
+    for path in files:
+        subject = path.name[:-len(f"_{split}.csv")]
+        with open(path, newline="", encoding="utf-8") as f:
+            for row, fields in enumerate(csv.reader(f)):
+                where = f"{path}: row {row + 1}"
+                if len(fields) != 6:
+                    raise ValueError(f"{where}: expected 6 columns (question, A, B, C, D, answer), got {len(fields)}")
+                question, *choices, answer = fields
+                if answer not in MMLU_LETTERS:
+                    raise ValueError(f"{where}: answer should be one of A, B, C, D, got {answer!r}")
+                samples.append({"id": f"{subject}-{split}-{row}", "image": None,
+                                "messages": [("user", mmlu_prompt(subject, question, choices)), ("assistant", answer)],
+                                "answers": [answer], "answer_index": MMLU_LETTERS.index(answer), "choices": choices,
+                                "subject": subject})
+    return samples
+
+
+VLSTEREOSET_COLUMNS = ("bias_type", "target", "context", "stereotype", "anti-stereotype", "unrelated", "label",
+                       "Imaeg URL")  # the release's spelling
+
+
+def read_vlstereoset(path, *, image_root, image_name="{row}.jpg", seed=0, skip_missing=False):
+    """VLStereoSet (Zhou et al. 2022; K-Square-00/VLStereo data/VLStereoSet.csv, UTF-8 with a BOM): one row per
+    image, columns bias_type, target, context, stereotype, anti-stereotype, unrelated, label (0: the image is
+    stereotypical, 1: anti-stereotypical), 'Imaeg URL'. The release has URLs, not images: put them at
+    {image_root}/{image_name} ('{row}' = the 0-based data row, as KuleenS/VLMBiasEval names its downloads);
+    skip_missing=True drops rows whose file is missing (many URLs are dead; counted in a warning).
+    The user turn asks which caption fits, the three captions as letters in an order shuffled per row with
+    random.Random(f'{seed}-{row}') (a fixed order would confound bias with a letter preference); the target is
+    the caption the label makes right. 'order' maps letters to 0 stereotype / 1 anti-stereotype / 2 unrelated
+    (metrics.VLSTEREOSET_OPTIONS), for parse_answer and metrics.vlstereoset_scores."""
+    import csv
+    import random
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in VLSTEREOSET_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing} (have {reader.fieldnames})")
+        rows = list(reader)
+    samples, skipped = [], 0
+    for row, r in enumerate(rows):
+        where = f"{path}: row {row + 2}"  # 1-based, after the header
+        for c in VLSTEREOSET_COLUMNS[:6]:
+            if not (r[c] or "").strip():
+                raise ValueError(f"{where}: empty field '{c}'")
+        if r["label"] not in ("0", "1"):
+            raise ValueError(f"{where}: field 'label' should be 0 (stereotypical image) or 1 (anti-stereotypical), "
+                             f"got {r['label']!r}")
+        image = Path(image_root) / image_name.format(row=row)
+        if skip_missing and not image.is_file():
+            skipped += 1
+            continue
+        order = [0, 1, 2]
+        random.Random(f"{seed}-{row}").shuffle(order)
+        captions = [r[c].strip() for c in ("stereotype", "anti-stereotype", "unrelated")]
+        label = int(r["label"])
+        question = choices_prompt("Which one is the correct caption of this image?", [captions[k] for k in order])
+        samples.append({"id": str(row), "image": str(image),
+                        "messages": [("user", _user(question, str(image))), ("assistant", "ABC"[order.index(label)])],
+                        "answers": ["ABC"[order.index(label)]], "label": label, "order": order,
+                        "bias_type": r["bias_type"], "target": r["target"], "choices": [captions[k] for k in order],
+                        "url": r["Imaeg URL"]})
+    if skipped:
+        warnings.warn(f"{path}: {skipped} of {len(rows)} rows skipped, their image is not in {image_root}")
     return samples
 
 # -----------------------------------------------------------------------------
@@ -1045,9 +1394,31 @@ def _read_split(cfg, split, evaluation=False):
                                   per_caption=split == cfg['train_split'])  # train on every caption, score per image
     if name == 'llava':
         return read_llava_json(root, image_root=cfg['image_root'] or str(Path(root).parent))  # default: next to the JSON
-    if name == 'interleaved':
+    if name == 'interleaved':  # OpenFlamingo-style entries or mmC4 documents, .json or .jsonl
         return read_interleaved(root, image_root=cfg['image_root'] or str(Path(root).parent))
-    raise ValueError(f"unknown dataset {name!r}; one of easyvqa, scienceqa, vqav2, coco, llava, interleaved")
+    caption_prompt = cfg.get('caption_prompt', CAPTION_PROMPT)
+    if name == 'okvqa':
+        return read_okvqa(*okvqa_files(root, split), image_root=images, prompt=cfg['question_prompt'])
+    if name in ('aokvqa_mc', 'aokvqa_da'):
+        return read_aokvqa(Path(root) / f'aokvqa_v1p0_{split}.json', image_root=images, mode=name[-2:],
+                           prompt=cfg['question_prompt'])
+    if name == 'textvqa':
+        return read_textvqa(Path(root) / f'TextVQA_0.5.1_{split}.json', image_root=images, split=split,
+                            prompt=cfg['question_prompt'])
+    if name == 'textcaps':
+        return read_textcaps(Path(root) / f'TextCaps_0.1_{split}.json', image_root=images, split=split,
+                             prompt=caption_prompt, per_caption=split == cfg['train_split'] and not evaluation)
+    if name == 'flickr30k':
+        return read_flickr30k_karpathy(Path(root) / 'dataset_flickr30k.json', image_root=images, split=split,
+                                       prompt=caption_prompt, per_caption=split == cfg['train_split'] and not evaluation)
+    if name == 'mmlu':
+        return read_mmlu(root, split)
+    if name == 'vlstereoset':  # an evaluation set: one split, the CSV's rows whose image was downloaded
+        csv_path = Path(root) if Path(root).suffix == '.csv' else Path(root) / 'data' / 'VLStereoSet.csv'
+        return read_vlstereoset(csv_path, image_root=cfg['image_root'] or Path(csv_path).parent.parent / 'images',
+                                skip_missing=True)
+    raise ValueError(f"unknown dataset {name!r}; one of easyvqa, scienceqa, vqav2, coco, llava, interleaved, okvqa, "
+                     "aokvqa_mc, aokvqa_da, textvqa, textcaps, flickr30k, mmlu, vlstereoset")
 
 # -----------------------------------------------------------------------------
 # 7. A model's inputs

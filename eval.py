@@ -16,7 +16,8 @@ import torch
 
 import data
 import peft
-from metrics import caption_scores, exact_match_accuracy, scienceqa_accuracy, scienceqa_table, vqa_score
+from metrics import (aokvqa_score, caption_scores, exact_match_accuracy, mmlu_accuracy, rouge_scores, scienceqa_accuracy,
+                     scienceqa_table, vlstereoset_scores, vqa_score)
 
 # -----------------------------------------------------------------------------
 # Loading a checkpoint, generating, parsing, scoring
@@ -50,6 +51,16 @@ def parse_answer(task, text, sample):
         m = _LETTER.search(text) or re.match(r'\(?([A-Z])\b', text)
         i = ord(m.group(1)) - ord('A') if m else -1
         return i if 0 <= i < len(sample['choices']) else -1
+    if task in ('aokvqa_mc', 'mmlu', 'vlstereoset'):  # the option letter ('B', '(B)', 'B. train'), else a choice's text
+        m = _LETTER.search(text) or re.match(r'\(?([A-Z])\b', text)
+        i = ord(m.group(1)) - ord('A') if m else -1
+        if not 0 <= i < len(sample['choices']):
+            i = next((k for k, c in enumerate(sample['choices']) if text.lower().rstrip('.') == c.lower()), -1)
+        if task == 'aokvqa_mc':  # eval_predictions.py compares choice strings; None counts wrong
+            return sample['choices'][i] if i >= 0 else None
+        if task == 'vlstereoset':  # letter -> 0 stereotype / 1 anti-stereotype / 2 unrelated
+            return sample['order'][i] if i >= 0 else -1
+        return i
     return text
 
 
@@ -59,7 +70,25 @@ def score(task, samples, preds):
         problems = {s['id']: dict(answer=s['answer_index'], subject=s['subject'], hint=s['hint'],
                                   image=s['has_image'], grade=s['grade']) for s in samples}
         return scienceqa_accuracy({s['id']: p for s, p in zip(samples, preds)}, problems)
-    if task == 'vqav2':
+    if task == 'aokvqa_mc':
+        return {'MC accuracy': aokvqa_score({s['id']: p for s, p in zip(samples, preds) if p is not None},
+                                            {s['id']: s for s in samples}, multiple_choice=True)}
+    if task == 'aokvqa_da':  # official: exact strings, no VQA normalisation; difficult_direct_answer left out
+        return {'DA score': aokvqa_score({s['id']: p for s, p in zip(samples, preds)}, {s['id']: s for s in samples},
+                                         multiple_choice=False)}
+    if task == 'mmlu':
+        return mmlu_accuracy({s['id']: p for s, p in zip(samples, preds)}, {s['id']: s['answer_index'] for s in samples},
+                             {s['id']: s['subject'] for s in samples})
+    if task == 'vlstereoset':
+        return vlstereoset_scores({s['id']: p for s, p in zip(samples, preds)}, {s['id']: s['label'] for s in samples},
+                                  {s['id']: s['bias_type'] for s in samples})
+    if task in ('flickr30k', 'textcaps'):  # PETAL's caption table: CIDEr, ROUGE-1 F1 / recall, ROUGE-L recall
+        cands, refs = {s['id']: p for s, p in zip(samples, preds)}, {s['id']: s['answers'] for s in samples}
+        scores = {k: 100 * v for k, v in caption_scores(cands, refs).items() if k != 'per_image'}
+        rouge = rouge_scores(cands, refs, multi_ref='mean')  # PETAL averages over the references
+        scores.update({k: 100 * rouge[k] for k in ('ROUGE-1 F', 'ROUGE-1 R', 'ROUGE-L R')})
+        return scores
+    if task in ('vqav2', 'okvqa', 'textvqa'):
         return vqa_score({s['id']: p for s, p in zip(samples, preds)}, {s['id']: s['answers'] for s in samples},
                          {s['id']: s.get('answer_type') for s in samples} if all(s.get('answer_type') for s in samples) else None)
     if task == 'coco':

@@ -305,3 +305,50 @@ def test_minigpt4_coco_config_takes_two_steps(tiny, coco_root, tmp_path, monkeyp
     loaded = load_blip2(QFormerFusion(lm_dim=64, **blip2_config(blip)), blip)
     frozen = {k: v for k, v in loaded.state_dict().items() if not k.startswith('proj.')}
     assert all(torch.equal(fusion.state_dict()[k], v) for k, v in frozen.items()) and len(frozen) == 2 + 1 + 2 + 2 * 16 + 10
+
+
+@pytest.fixture(scope='module')
+def okvqa_root(tmp_path_factory):
+    """A tiny OK-VQA in its official layout (VQAv2-style questions / annotations without multiple_choice_answer)
+    and COCO 2014 image names."""
+    root = tmp_path_factory.mktemp('okvqa')
+    (root / 'train2014').mkdir()
+    pairs = [(c, s) for c in ('red', 'green', 'blue') for s in ('circle', 'square')]
+    for split in ('train', 'val'):
+        qs, anns = [], []
+        for i, (color, shape) in enumerate(pairs):
+            if split == 'train':
+                shape_image(root / 'train2014' / f'COCO_train2014_{i:012d}.jpg', color, shape)
+            qid = 10 * i + (split == 'val')
+            qs.append({'image_id': i, 'question': 'What color is the shape?', 'question_id': qid})
+            anns.append({'image_id': i, 'question_id': qid, 'answer_type': 'other', 'question_type': 'what',
+                         'confidence': 3, 'answers': [{'answer_id': k + 1, 'raw_answer': color, 'answer': color,
+                                                       'answer_confidence': 'yes'} for k in range(10)]})
+        (root / f'OpenEnded_mscoco_{split}2014_questions.json').write_text(
+            json.dumps({'data_subtype': 'train2014', 'questions': qs}))  # both splits use the train images here
+        (root / f'mscoco_{split}2014_annotations.json').write_text(json.dumps({'annotations': anns}))
+    return str(root)
+
+
+def test_instructblip_vicuna_okvqa_config_and_head_tuning_take_two_steps(tiny, okvqa_root, tmp_path, monkeypatch):
+    """config/instructblip_vicuna_okvqa.py (PETAL's VQA recipe, the full fine-tune baseline) on tiny stand-ins
+    and a tiny Blip2 checkpoint, then its head-tuning variant: only the last Q-Former layer's fc1 trains."""
+    blip = tmp_path / 'blip2'
+    save_blip2(blip, vis_dim=32, n_layers=2, n_queries=8)
+    args = [str(ROOT / 'config' / 'instructblip_vicuna_okvqa.py'), *tiny_args(tiny, okvqa_root, tmp_path / 'full'),
+            *SMALL, f'--qformer_init={blip}', f'--image_root={okvqa_root}', '--template=base']
+    g = train(monkeypatch, *args)
+    assert g['step'] == 2 and g['dataset'] == 'okvqa' and g['weight_decay'] == 0.02 and g['learning_rate'] == 2e-5
+    assert len(g['train_ds']) == 6 and len(losses(tmp_path / 'full')) == 2
+    assert g['train_ds'].samples[0]['messages'][0][1] == '<image>\nQuestion: What color is the shape? Short answer:'
+    result = json.load(open(tmp_path / 'full' / 'eval_val.json'))
+    assert result['task'] == 'okvqa' and result['n'] == 2 and 'overall' in result['metrics']
+    ckpt = torch.load(tmp_path / 'full' / 'ckpt.pt', weights_only=True)
+    assert ckpt['model'].keys() == {k for k, _ in g['raw_model'].named_parameters() if k.startswith('fusion.')}
+    args[2:] = [*tiny_args(tiny, okvqa_root, tmp_path / 'head'), *SMALL, f'--qformer_init={blip}',
+                f'--image_root={okvqa_root}', '--template=base', "--trainable=('fusion.qformer.layers.1.fc1.',)",
+                '--final_eval=False']
+    g = train(monkeypatch, *args)
+    assert g['step'] == 2
+    ckpt = torch.load(tmp_path / 'head' / 'ckpt.pt', weights_only=True)
+    assert ckpt['model'].keys() == {'fusion.qformer.layers.1.fc1.weight', 'fusion.qformer.layers.1.fc1.bias'}

@@ -350,3 +350,139 @@ def test_metrics_is_a_leaf_without_torch():
     assert out.returncode == 0, out.stderr
     vqa, bleu4 = map(float, out.stdout.split())
     assert vqa == 1.0 and bleu4 == pytest.approx(1.0)
+
+
+# -----------------------------------------------------------------------------
+# ROUGE-1/2/L against Google's rouge-score (PETAL's caption table)
+
+try:  # a test-only dependency (requirements-dev.txt)
+    from rouge_score import rouge_scorer
+except ImportError:
+    rouge_scorer = None
+needs_rouge_score = pytest.mark.skipif(rouge_scorer is None, reason='rouge-score is not installed')
+
+RAW_WORDS = ("A a The the man Man's dog dogs DOG cat two 2 3.5 1,000 on of in with near red-white blue sitting "
+             "riding wave surfboard pizza don't it's café naïve e-mail (left) [x] ... ! ? , . - -- 'quoted' "
+             '"q" & / 10:30 u.s.').split(' ')
+
+
+def raw_caption(rng):
+    """Untokenized caption: empty, punctuation only, repeats, or 1-40 words with case and punctuation."""
+    kind = rng.random()
+    if kind < 0.04:
+        return ''
+    if kind < 0.07:
+        return rng.choice(['...', ' ! ', '--', '  '])
+    if kind < 0.12:
+        return ' '.join([rng.choice(RAW_WORDS)] * rng.randint(2, 6))
+    return ' '.join(rng.choice(RAW_WORDS) for _ in range(rng.choice([1, 2, 3, 5, 8, 10, 12, 20, 40])))
+
+
+def raw_corpus(n_images, seed):
+    rng = random.Random(seed)
+    refs = {f'img{i}': [raw_caption(rng) for _ in range(rng.choice([1, 2, 3, 5, 5, 7]))] for i in range(n_images)}
+    cands = {i: r[0] if rng.random() < 0.1 else raw_caption(rng) for i, r in refs.items()}
+    return cands, refs
+
+
+@needs_rouge_score
+@pytest.mark.parametrize('n_images,seed', [(300, 0), (300, 1), (200, 2), (50, 3), (1, 4)])
+@pytest.mark.parametrize('multi_ref', ['max', 'mean'])
+def test_rouge_matches_rouge_score(n_images, seed, multi_ref):
+    """Per image and corpus (mean over images): P, R and F of ROUGE-1, ROUGE-2 and ROUGE-L to 1e-12. 'max' is
+    RougeScorer.score_multi; 'mean' averages rouge-score's per-reference scores, as PETAL does."""
+    cands, refs = raw_corpus(n_images, seed)
+    scorer = rouge_scorer.RougeScorer(['rouge1', 'rouge2', 'rougeL'], use_stemmer=False)
+    got = E.rouge_scores(cands, refs, multi_ref=multi_ref)
+    want_img = {}
+    for i in refs:
+        if multi_ref == 'max':
+            s = scorer.score_multi(refs[i], cands[i])
+            want = {t: (s[t].precision, s[t].recall, s[t].fmeasure) for t in s}
+        else:
+            each = [scorer.score(r, cands[i]) for r in refs[i]]
+            want = {t: tuple(sum(getattr(e[t], k) for e in each) / len(each) for k in ('precision', 'recall', 'fmeasure'))
+                    for t in each[0]}
+        want_img[i] = {f'{n} {k}': want[t][j] for t, n in (('rouge1', 'ROUGE-1'), ('rouge2', 'ROUGE-2'),
+                                                            ('rougeL', 'ROUGE-L')) for j, k in enumerate('PRF')}
+        for name, w in want_img[i].items():
+            assert got['per_image'][i][name] == pytest.approx(w, abs=1e-12), (i, name)
+    for name in want_img[next(iter(refs))]:
+        assert got[name] == pytest.approx(sum(w[name] for w in want_img.values()) / len(refs), abs=1e-12), name
+
+
+def test_rouge_scores_are_not_trivial_and_hand_checked():
+    """Guard the parity test (scores in a range where mistakes show) and one case worked out by hand:
+    'A dog runs on the grass.' vs 'the dog runs': 3 of 6 candidate words, all 3 reference words."""
+    cands, refs = raw_corpus(300, 0)
+    got = E.rouge_scores(cands, refs)
+    assert 0.1 < got['ROUGE-2 F'] < got['ROUGE-1 F'] < 0.9 and 0.1 < got['ROUGE-L R'] < 0.9
+    one = E.rouge_scores({1: 'A dog runs on the grass.'}, {1: ['the dog runs']})
+    assert (one['ROUGE-1 P'], one['ROUGE-1 R'], one['ROUGE-1 F']) == pytest.approx((0.5, 1.0, 2 / 3))
+    assert (one['ROUGE-L P'], one['ROUGE-L R']) == pytest.approx((2 / 6, 2 / 3))  # LCS 'dog runs': 'the' is out of order
+    assert E.rouge_tokenize("Don't-stop, café!") == ['don', 't', 'stop', 'caf']
+    two = E.rouge_scores({1: 'a b'}, {1: ['a b', 'c d']}, multi_ref='mean')
+    assert two['ROUGE-1 F'] == pytest.approx(0.5) and E.rouge_scores({1: 'a b'}, {1: ['c d', 'a b']})['ROUGE-1 F'] == 1
+    with pytest.raises(ValueError, match="multi_ref must be"):
+        E.rouge_scores({1: 'a'}, {1: ['a']}, multi_ref='min')
+    with pytest.raises(ValueError, match="image id 2: no candidate"):
+        E.rouge_scores({1: 'a'}, {1: ['a'], 2: ['b']})
+
+
+# -----------------------------------------------------------------------------
+# A-OKVQA, VLStereoSet, MMLU
+
+AOKVQA = {
+    'q1': {'choices': ['skateboarder', 'train', 'delivery', 'cab'], 'correct_choice_idx': 3,
+           'direct_answers': ['cab'] * 6 + ['taxi'] * 2 + ['bus', 'ride'], 'difficult_direct_answer': False},
+    'q2': {'choices': ['red', 'blue', 'green', 'white'], 'correct_choice_idx': 0,
+           'direct_answers': ['red'] * 2 + ['maroon'] * 8, 'difficult_direct_answer': False},
+    'q3': {'choices': ['a', 'b', 'c', 'd'], 'correct_choice_idx': 1,
+           'direct_answers': ['x'] * 10, 'difficult_direct_answer': True},
+}
+
+
+def test_aokvqa_multiple_choice_and_direct_answer():
+    """MC: exact choice string; DA: min(1, matches / 3) over the 10 answers (no leave-one-out), difficult
+    questions dropped, strings compared as they are (eval_predictions.py)."""
+    assert E.aokvqa_score({'q1': 'cab', 'q2': 'blue', 'q3': 'b'}, AOKVQA, multiple_choice=True) == pytest.approx(200 / 3)
+    assert E.aokvqa_score({'q1': 'Cab', 'q2': 'red'}, AOKVQA, multiple_choice=True) == pytest.approx(100 / 3)
+    # q1 'taxi': 2/3; q2 'red': 2/3; q3 is difficult and left out. vqa_accuracy would give 0.6 for 2 matches
+    assert E.aokvqa_score({'q1': 'taxi', 'q2': 'red', 'q3': 'x'}, AOKVQA, multiple_choice=False) == pytest.approx(200 / 3)
+    assert E.vqa_accuracy('taxi', AOKVQA['q1']['direct_answers']) == pytest.approx(0.6)
+    assert E.aokvqa_score({'q1': 'cab'}, AOKVQA, multiple_choice=False) == 50.0  # q2 has no prediction: 0
+    with pytest.raises(ValueError, match="question id 'q9': prediction for a question"):
+        E.aokvqa_score({'q9': 'a'}, AOKVQA, multiple_choice=True)
+    with pytest.raises(ValueError, match="question id 'q1': no 'direct_answers' field"):
+        E.aokvqa_score({}, {'q1': {'choices': ['a'], 'correct_choice_idx': 0}}, multiple_choice=False)
+    with pytest.raises(ValueError, match="must be a str"):
+        E.aokvqa_score({'q1': 3}, AOKVQA, multiple_choice=True)
+
+
+def test_vlstereoset_scores():
+    # ids 1-4 anti-stereotypical images (label 1), 5-6 stereotypical; picks: 0 stereotype, 1 anti, 2 unrelated
+    labels = {1: 1, 2: 1, 3: 1, 4: 1, 5: 0, 6: 0}
+    preds = {1: 0, 2: 1, 3: 2, 4: -1, 5: 0, 6: 1}
+    types = {1: 'gender', 2: 'gender', 3: 'race', 4: 'race', 5: 'race', 6: 'gender'}
+    s = E.vlstereoset_scores(preds, labels, types)
+    assert s['vlrs'] == pytest.approx(400 / 6) and s['vlbs'] == 25.0 and s['unparsed'] == 1
+    assert s['ivlas'] == pytest.approx(2 * (400 / 6) * 75 / (400 / 6 + 75))
+    assert s['gender vlrs'] == 100.0 and s['gender vlbs'] == 50.0 and s['race vlbs'] == 0.0
+    assert s['race vlrs'] == pytest.approx(100 / 3)
+    ideal = E.vlstereoset_scores({1: 1, 2: 0}, {1: 1, 2: 0})
+    assert (ideal['vlrs'], ideal['vlbs'], ideal['ivlas']) == (100.0, 0.0, 100.0)
+    assert math.isnan(E.vlstereoset_scores({1: 0}, {1: 0})['vlbs'])
+    with pytest.raises(ValueError, match="id 1: a prediction must be 0, 1, 2"):
+        E.vlstereoset_scores({1: 'A'}, {1: 1})
+    with pytest.raises(ValueError, match="id 1: a label must be 0"):
+        E.vlstereoset_scores({1: 0}, {1: 2})
+
+
+def test_mmlu_accuracy_pools_questions():
+    preds = {1: 0, 2: 1, 3: -1, 4: 3}
+    answers = {1: 0, 2: 2, 3: 1, 4: 3}
+    subjects = {1: 'anatomy', 2: 'anatomy', 3: 'anatomy', 4: 'virology'}
+    s = E.mmlu_accuracy(preds, answers, subjects)
+    assert s['accuracy'] == 50.0 and s['accuracy anatomy'] == pytest.approx(100 / 3) and s['accuracy virology'] == 100
+    with pytest.raises(ValueError, match="id 1: a prediction must be an option index"):
+        E.mmlu_accuracy({1: 'A'}, {1: 0})
