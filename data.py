@@ -1396,7 +1396,7 @@ def _read_split(cfg, split, evaluation=False):
         return read_llava_json(root, image_root=cfg['image_root'] or str(Path(root).parent))  # default: next to the JSON
     if name == 'interleaved':  # OpenFlamingo-style entries or mmC4 documents, .json or .jsonl
         return read_interleaved(root, image_root=cfg['image_root'] or str(Path(root).parent))
-    caption_prompt = cfg.get('caption_prompt', CAPTION_PROMPT)
+    caption_prompt = cfg.get('caption_prompt') or CAPTION_PROMPT
     if name == 'okvqa':
         return read_okvqa(*okvqa_files(root, split), image_root=images, prompt=cfg['question_prompt'])
     if name in ('aokvqa_mc', 'aokvqa_da'):

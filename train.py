@@ -99,6 +99,7 @@ image_norm = ''              # '' = the tower's mean / std; 'imagenet' | 'clip' 
 template = ''                # chat template name; '' = the LM's own (data.pick_template)
 system_prompt = 'default'    # 'default' = the template's own; anything else verbatim ('' = an empty one)
 question_prompt = '{q}\nAnswer the question using a single word or phrase.'  # VQA-style user turn (LLaVA-1.5)
+caption_prompt = ''           # captioning user turn (COCO, Flickr30K, TextCaps; '' = data.CAPTION_PROMPT; PETAL: 'a photo of')
 prompt_format = 'CQM-A'      # ScienceQA prompt layout (data.scienceqa_prompt)
 eval_prompt_format = ''      # ScienceQA layout of evaluation prompts ('' = prompt_format; ADEM-VL: 'QCM-A')
 eval_captions = ''           # ScienceQA captions.json whose captions join the context of evaluation prompts ('' = none)
