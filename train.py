@@ -131,6 +131,8 @@ device = 'auto'              # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = 'auto'               # 'float32' | 'bfloat16' | 'float16' | 'auto' (bf16 on GPUs that have it, else fp32);
                              # frozen weights are stored in it, trained ones in fp32
 fsdp = False                 # under torchrun: FSDP2 (fully_shard per block) instead of DDP
+offload = False              # FSDP2 with the sharded parameters, gradients and optimizer state in CPU memory (the
+                             # PyTorch counterpart of DeepSpeed ZeRO-3 offload: big models on small GPUs, slower)
 sharded_checkpoint = False   # every rank writes its own shards (torch.distributed.checkpoint) and none gathers the
                              # model: for full fine-tunes under FSDP (7B: ~84 GB of weights + AdamW state)
 grad_checkpoint = False      # activation checkpointing of every decoder and tower block: the same gradients, less
@@ -244,7 +246,11 @@ if init_from == 'resume':
         config[k] = globals()[k] = ckpt['config'][k]
 elif init_from != 'scratch' and not os.path.isfile(init_from):
     raise SystemExit(f"init_from must be 'scratch', 'resume' or a train.py checkpoint file; {init_from!r} is none")
-model = build_vlm(config, dtype=ptdtype, device=device)
+if offload and not fsdp:
+    raise SystemExit("offload=True needs fsdp=True under torchrun (one GPU: torchrun --nproc_per_node=1 train.py ...)")
+# offload: built in CPU memory, where FSDP2 keeps the shards (a 7B full fine-tune's fp32 master weights alone
+# would not fit on a small GPU before sharding)
+model = build_vlm(config, dtype=ptdtype, device='cpu' if offload else device)
 model.lm.grad_checkpoint = model.vision.grad_checkpoint = grad_checkpoint
 for p in model.parameters():
     if p.requires_grad:
@@ -369,11 +375,12 @@ raw_model = model
 if ddp and fsdp:
     # FSDP2: every transformer block is a unit; the root holds the rest (embeddings, fusion, norms).
     # Trainable and frozen parameters may share a unit: FSDP2 shards per parameter.
-    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
-    mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32)
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32),
+              offload_policy=CPUOffloadPolicy(pin_memory=device_type == 'cuda') if offload else OffloadPolicy())
     for blk in list(model.lm.blocks) + list(model.vision.blocks):
-        fully_shard(blk, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(blk, **kw)
+    fully_shard(model, **kw)
 elif ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     # find_unused_parameters: a trainable parameter may get no gradient in a step (a projector in a micro-batch
@@ -390,7 +397,7 @@ decays = {n: any(s in n for s in patterns) if patterns is not None else p.dim() 
 decay = [p for n, p in named if decays[n]]
 no_decay = [p for n, p in named if not decays[n]]
 optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
-                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda' and not offload)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 
 

@@ -89,3 +89,12 @@ def test_sharded_checkpoint_of_a_full_fine_tune_resumes_exactly(tiny, shapes_jso
     p = subprocess.run([sys.executable, 'eval.py', f'--ckpt={tmp_path / "cut" / "ckpt.pt"}', '--limit=2'], cwd=ROOT,
                        capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert p.returncode == 0 and '2 samples' in p.stdout, p.stderr[-3000:]
+
+
+def test_fsdp_cpu_offload_matches_plain_fsdp(tiny, shapes_json, tmp_path):
+    """offload=True keeps the sharded parameters, gradients and AdamW state in CPU memory (FSDP2's
+    CPUOffloadPolicy): a full fine-tune on 2 processes logs the losses of the same run without it."""
+    full = dict(peft='', lora_r=None, trainable="('fusion.','lm.')", fsdp=True, batch_size=2, global_batch=4)
+    run(args(tiny, shapes_json, tmp_path / 'plain', **full), nproc=2)
+    run(args(tiny, shapes_json, tmp_path / 'offload', offload=True, **full), nproc=2)
+    assert losses(tmp_path / 'offload') == pytest.approx(losses(tmp_path / 'plain'), rel=1e-6, abs=1e-7)

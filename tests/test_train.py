@@ -365,3 +365,27 @@ def test_llava_stage2_starts_from_stage1(tiny, shapes_json, tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="init_from must be 'scratch', 'resume' or a train.py checkpoint file"):
         train(monkeypatch, str(ROOT / 'config' / 'llava_stage2.py'), *tiny_args, f'--out_dir={tmp_path / "s3"}',
               f'--init_from={tmp_path / "nothing.pt"}')
+
+
+def test_llava_gemma_stages_build_and_step(tiny, shapes_json, tmp_path, monkeypatch):
+    """config/llava_gemma_stage1.py then stage 2 from its checkpoint, on a tiny Gemma (GeGLU, (1 + w) norms,
+    scaled and tied embeddings) and a tiny CLIP: each builds and takes two steps."""
+    import shutil
+    import transformers as T
+    gemma = tmp_path / 'gemma'
+    shutil.copytree(tiny['lm'], gemma, ignore=shutil.ignore_patterns('*.safetensors', 'config.json'))
+    vocab = json.load(open(f"{tiny['lm']}/config.json"))['vocab_size']
+    T.GemmaForCausalLM(T.GemmaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                     max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                                     pad_token_id=0)).save_pretrained(gemma)
+    common = [f'--init_vision={tiny["clip"]}', f'--init_lm={gemma}', f'--data_root={shapes_json}', '--image_root=',
+              '--batch_size=2', '--global_batch=2', '--dtype=float32', '--eval_iters=1', '--max_len=128',
+              '--max_iters=2', '--log_interval=1']
+    train(monkeypatch, str(ROOT / 'config' / 'llava_gemma_stage1.py'), *common, f'--out_dir={tmp_path / "s1"}')
+    g = train(monkeypatch, str(ROOT / 'config' / 'llava_gemma_stage2.py'), *common, f'--out_dir={tmp_path / "s2"}',
+              f'--init_from={tmp_path / "s1" / "ckpt.pt"}', '--fsdp=False', '--sharded_checkpoint=False',
+              '--template=qwen2')
+    assert g['model'].lm.cfg.norm_plus_one and g['model'].lm.cfg.embed_scale and g['step'] == 2
+    assert len(losses(tmp_path / 's1')) == len(losses(tmp_path / 's2')) == 2
+    assert all(l == l for l in losses(tmp_path / 's2'))
