@@ -584,6 +584,64 @@ def preprocess_image(img, cfg):
     x = (x - np.asarray(cfg["mean"], dtype=np.float32)) / np.asarray(cfg["std"], dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, H, W)
 
+# Training-time augmentation, ADEM-VL's COCO-caption transform (Hao840/ADEM-VL util/coco_karpathy_dataset.py, from
+# BLIP): RandomResizedCrop(size, scale (0.5, 1), bicubic), a horizontal flip with p 0.5, then BLIP's RandomAugment
+# (util/randaugment.py: N=2 ops drawn with replacement from the 10 below, each applied with p 0.5, magnitude 5 of
+# 10: shear 0.15, translate 5 px, rotate 15 degrees, each with a random sign, filled with grey 128; brightness and
+# sharpness at magnitude 5 have factor 1.0, i.e. none). BLIP writes the ops with cv2 to match PIL's; we call
+# PIL's. All draws come from `rng` (random.Random), which train.py seeds from (seed, stream position): the same
+# step gets the same pixels after a resume. Evaluation never augments.
+AUGMENT_OPS = ("Identity", "AutoContrast", "Brightness", "Sharpness", "Equalize", "ShearX", "ShearY", "TranslateX",
+               "TranslateY", "Rotate")
+
+
+def _random_resized_crop(img, size, rng, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop: up to 10 tries at a random area and aspect ratio, else a centre crop."""
+    w, h = img.size
+    for _ in range(10):
+        area = w * h * rng.uniform(*scale)
+        r = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        cw, ch = int(round(np.sqrt(area * r))), int(round(np.sqrt(area / r)))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            return img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
+    r = w / h  # the fallback: the largest centred crop inside the ratio range
+    cw, ch = (w, int(round(w / ratio[0]))) if r < ratio[0] else (int(round(h * ratio[1])), h) if r > ratio[1] else (w, h)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
+
+
+def _augment_op(img, name, rng):
+    from PIL import ImageOps
+    sign = 1 if rng.random() > 0.5 else -1
+    grey = (128, 128, 128)
+    if name == "AutoContrast":
+        return ImageOps.autocontrast(img)
+    if name == "Equalize":
+        return ImageOps.equalize(img)
+    if name in ("ShearX", "ShearY"):  # 0.15 = magnitude 5 / 10 x 0.3
+        m = (1, sign * 0.15, 0, 0, 1, 0) if name == "ShearX" else (1, 0, 0, sign * 0.15, 1, 0)
+        return img.transform(img.size, Image.AFFINE, m, Image.BILINEAR, fillcolor=grey)
+    if name in ("TranslateX", "TranslateY"):  # 5 px = magnitude 5 / 10 x 10
+        m = (1, 0, sign * 5, 0, 1, 0) if name == "TranslateX" else (1, 0, 0, 0, 1, sign * 5)
+        return img.transform(img.size, Image.AFFINE, m, fillcolor=grey)
+    if name == "Rotate":  # 15 degrees = magnitude 5 / 10 x 30
+        return img.rotate(sign * 15, fillcolor=grey)
+    return img  # Identity; Brightness and Sharpness at factor 1.0
+
+
+def augment_image(img, cfg, rng):
+    """RGB PIL image -> float32 [3, size, size], ADEM-VL's training transform (above), normalised with cfg's mean/std."""
+    img = _random_resized_crop(img, cfg["size"] if cfg["resize"] == "squash" else cfg["crop_size"], rng)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    for name in [rng.choice(AUGMENT_OPS) for _ in range(2)]:
+        if rng.random() <= 0.5:  # BLIP: skipped when random() > prob
+            img = _augment_op(img, name, rng)
+    x = np.asarray(img, dtype=np.float32) / np.float32(255.0)  # (H, W, 3)
+    x = (x - np.asarray(cfg["mean"], dtype=np.float32)) / np.asarray(cfg["std"], dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, H, W)
+
 # -----------------------------------------------------------------------------
 # 5. Dataset readers -> lists of sample dicts (see the top of the file). Readers never open images (a
 # missing image is reported by load_image, naming the file, when it is used).
@@ -769,6 +827,13 @@ def read_vqav2(questions_file, annotations_file=None, *, image_root, prompt=VQA_
     return samples
 
 
+def caption_target(prompt, caption):
+    """The training target of a caption. A prompt the caption continues (it ends in a letter: ADEM-VL's and BLIP's
+    "a picture of") gets the caption after a space that the caption owns: tokenizers attach a word's space to the
+    word, and the label mask must not cut through a token."""
+    return (" " if prompt[-1:].isalpha() else "") + caption.strip()
+
+
 def read_coco_karpathy(path, *, image_root, split=None, prompt=CAPTION_PROMPT, per_caption=False):
     """COCO captions on the Karpathy split, from either file:
     - LAVIS coco_karpathy_{train,val,test}.json: [{'image': 'val2014/COCO_val2014_....jpg', 'caption': str
@@ -808,7 +873,7 @@ def read_coco_karpathy(path, *, image_root, split=None, prompt=CAPTION_PROMPT, p
         user = IMAGE_PLACEHOLDER + (f"\n{prompt}" if prompt else "")
         for k, target in enumerate(refs if per_caption else refs[:1]):
             samples.append({"id": f"{image_id}-{k}" if per_caption else image_id, "image": file,
-                            "messages": [("user", user), ("assistant", target.strip())],
+                            "messages": [("user", user), ("assistant", caption_target(prompt, target))],
                             "answers": refs, "image_id": image_id})
     return samples
 
@@ -1114,7 +1179,7 @@ def read_textcaps(path, *, image_root, split=None, prompt=CAPTION_PROMPT, per_ca
                             "image_id": image_id})
         for k, target in enumerate(captions if per_caption else captions[:1]):
             samples.append({"id": f"{image_id}-{k}" if per_caption else image_id, "image": image,
-                            "messages": [("user", user), ("assistant", target.strip())], "answers": refs,
+                            "messages": [("user", user), ("assistant", caption_target(prompt, target))], "answers": refs,
                             "image_id": image_id})
     return samples
 
@@ -1138,7 +1203,7 @@ def read_flickr30k_karpathy(path, *, image_root, split, prompt=CAPTION_PROMPT, p
         user = IMAGE_PLACEHOLDER + (f"\n{prompt}" if prompt else "")
         for k, target in enumerate(refs if per_caption else refs[:1]):
             samples.append({"id": f"{image_id}-{k}" if per_caption else image_id, "image": file,
-                            "messages": [("user", user), ("assistant", target.strip())], "answers": refs,
+                            "messages": [("user", user), ("assistant", caption_target(prompt, target))], "answers": refs,
                             "image_id": image_id})
     return samples
 
@@ -1389,9 +1454,10 @@ def _read_split(cfg, split, evaluation=False):
         return read_scienceqa(root, split, prompt_format=fmt, captions_file=captions)
     if name == 'vqav2':
         return read_vqav2(*vqav2_files(root, split), image_root=images, prompt=cfg['question_prompt'])
-    if name == 'coco':
+    if name == 'coco':  # train on every caption, score per image
         return read_coco_karpathy(Path(root) / f'coco_karpathy_{split}.json', image_root=images,
-                                  per_caption=split == cfg['train_split'])  # train on every caption, score per image
+                                  prompt=cfg.get('caption_prompt') or CAPTION_PROMPT,
+                                  per_caption=split == cfg['train_split'] and not evaluation)
     if name == 'llava':
         return read_llava_json(root, image_root=cfg['image_root'] or str(Path(root).parent))  # default: next to the JSON
     if name == 'interleaved':  # OpenFlamingo-style entries or mmC4 documents, .json or .jsonl
@@ -1445,12 +1511,19 @@ def prepare(cfg, model):
                 answer_prefix=cfg.get('answer_prefix', ''))
 
 
-def load_pixels(images, image_cfg, *, cache=None):
+def load_pixels(images, image_cfg, *, cache=None, seeds=None):
     """{source: preprocessed pixels (3, H, W)} for every distinct image of a batch's sources (lists flattened)
-    that `cache` does not hold: the CPU half of image_inputs, which train.py runs a step ahead in a thread."""
-    flat = [y for x in images for y in (x if isinstance(x, list) else [x])]
-    return {x: preprocess_image(load_image(x), image_cfg) for x in dict.fromkeys(flat)
-            if x is not None and (cache is None or x not in cache)}
+    that `cache` does not hold: the CPU half of image_inputs, which train.py runs a step ahead in a thread.
+    seeds (one per sample): augment them (augment_image), each with random.Random(its sample's seed); an image
+    twice in one batch gets its first sample's draw."""
+    import random
+    flat = [(y, s) for x, s in zip(images, seeds or [None] * len(images)) for y in (x if isinstance(x, list) else [x])]
+    out = {}
+    for x, s in flat:
+        if x is not None and x not in out and (cache is None or x not in cache):
+            img = load_image(x)
+            out[x] = preprocess_image(img, image_cfg) if s is None else augment_image(img, image_cfg, random.Random(s))
+    return out
 
 
 def image_inputs(model, images, image_cfg, *, cache=None, device='cpu', dtype=torch.float32, autocast=nullcontext(),

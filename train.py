@@ -96,6 +96,8 @@ eval_split = 'test'
 image_size = 0               # 0 = the tower's preprocessor_config; else resize / crop to this size
 image_resize = ''            # '' = the tower's way; 'crop' | 'squash' | 'pad' (LLaVA-1.5: pad to square with the mean colour)
 image_norm = ''              # '' = the tower's mean / std; 'imagenet' | 'clip' | 'half' (data.IMAGE_NORMS)
+image_augment = False        # training images through ADEM-VL's / BLIP's augmentation (data.augment_image), seeded
+                             # by the stream position; evaluation never augments; the feature cache is then off
 template = ''                # chat template name; '' = the LM's own (data.pick_template)
 system_prompt = 'default'    # 'default' = the template's own; anything else verbatim ('' = an empty one)
 question_prompt = '{q}\nAnswer the question using a single word or phrase.'  # VQA-style user turn (LLaVA-1.5)
@@ -304,7 +306,7 @@ print0(f"data: {len(train_ds)} train{skips(train_ds)} / {len(eval_ds)} eval samp
 # the frozen tower's features, once per image, when no tower parameter trains (not under FSDP, whose
 # sharded tower runs inside the model's forward)
 feats_cache = data.FeatureCache(cache_features_gb * 2 ** 30) if cache_features_gb > 0 and not fsdp and \
-    not any(p.requires_grad for p in model.vision.parameters()) else None
+    not image_augment and not any(p.requires_grad for p in model.vision.parameters()) else None
 
 
 def image_inputs(images, loaded=None):
@@ -316,10 +318,12 @@ def image_args(b):
     return {k: b[k] for k in ('pixels', 'feats', 'has_image')}
 
 
-def host_batch(ds, indices):
-    """The CPU side of a batch: collated tokens and the decoded, preprocessed images the cache lacks."""
+def host_batch(ds, indices, positions=None):
+    """The CPU side of a batch: collated tokens and the decoded, preprocessed images the cache lacks; a training
+    batch (its stream positions given) augmented when image_augment is on, each sample seeded by its position."""
     b = data.collate([ds[i] for i in indices], pad_id=tok.pad_id)
-    return b, data.load_pixels(b['images'], io['image_cfg'], cache=feats_cache)
+    seeds = [seed * 1_000_000_007 + g for g in positions] if image_augment and positions is not None else None
+    return b, data.load_pixels(b['images'], io['image_cfg'], cache=feats_cache, seeds=seeds)
 
 
 def to_device(b, loaded):
@@ -352,8 +356,8 @@ def sample_index(g):
 
 def host_step(step):
     base = step * grad_accum * batch_size * world
-    return [host_batch(train_ds, [sample_index(base + (m * world + rank) * batch_size + j) for j in range(batch_size)])
-            for m in range(grad_accum)]
+    positions = [[base + (m * world + rank) * batch_size + j for j in range(batch_size)] for m in range(grad_accum)]
+    return [host_batch(train_ds, [sample_index(g) for g in pos], pos) for pos in positions]
 
 
 # The CPU side of the next step (tokens, image decoding and preprocessing) runs in a thread while this step
@@ -418,8 +422,8 @@ if ckpt is not None and ckpt.get('sharded'):  # every rank reads its shards (any
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
     msd = osd = None
 elif ckpt is not None:
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=ckpt['optimizer'],
-                             options=StateDictOptions(full_state_dict=ddp))
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=ckpt['optimizer'],  # not strict: a parameter that
+                             options=StateDictOptions(full_state_dict=ddp, strict=False))  # never got a gradient has no state
 if ckpt is not None:
     scaler.load_state_dict(ckpt['scaler'])
     step, bad_steps, best_val = ckpt['step'], ckpt['bad_steps'], ckpt['best_val']

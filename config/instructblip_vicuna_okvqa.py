@@ -62,7 +62,7 @@ max_len = 128
 max_new_tokens = 100         # the yaml's max_len (generation stops at EOS)
 
 batch_size = 16
-grad_accum = 1
+global_batch = 16
 epochs = 5.0
 learning_rate = 2e-5
 min_lr = 1e-6

@@ -946,3 +946,24 @@ def test_feature_cache_is_host_memory_and_bounded():
     assert len(cache) == 2 and cache.nbytes == 24 and all(f.device.type == "cpu" for f in cache.values())
     again = data.image_inputs(Tower(), images, cfg, cache=cache)
     assert torch.equal(again["feats"], want) and Tower.calls == 6  # the two that did not fit ran again
+
+
+def test_augmentation_is_seeded_and_off_without_seeds(tmp_path):
+    """ADEM-VL's training transform: the same seed gives the same pixels, another seed others; without seeds
+    (validation, evaluation) the pixels are the plain preprocessing."""
+    import random
+    from skimage import data as skdata
+    from PIL import Image
+    img = Image.fromarray(skdata.astronaut()).resize((96, 80))
+    cfg = data.image_config(tower="clip", size=32, crop_size=32, resize="squash")
+    a = data.augment_image(img, cfg, random.Random(7))
+    assert a.shape == (3, 32, 32) and torch.equal(a, data.augment_image(img, cfg, random.Random(7)))
+    draws = [data.augment_image(img, cfg, random.Random(s)) for s in range(8)]
+    assert len({d.sum().item() for d in draws}) == 8
+    for name in data.AUGMENT_OPS:  # every op keeps the size and the mode
+        assert data._augment_op(img, name, random.Random(0)).size == img.size
+    img.save(path := str(tmp_path / "photo.png"))
+    plain = data.load_pixels([path, None], cfg)[path]
+    assert torch.equal(plain, data.preprocess_image(data.load_image(path), cfg))
+    assert torch.equal(data.load_pixels([path], cfg, seeds=[7])[path], data.augment_image(data.load_image(path), cfg,
+                                                                                            random.Random(7)))

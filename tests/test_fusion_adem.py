@@ -14,6 +14,7 @@ import data
 import eval as evaluate
 import peft
 from conftest import ROOT
+from test_fusion_qformer import coco_root  # noqa: F401 (a fixture: the tiny COCO Karpathy split)
 from data import IGNORE_INDEX, IMAGE_TOKEN
 from fusion import ADEMCrossAttention, ADEMFusion, adaptive_drop, attach_adem, build_vlm, multiscale
 from model import Ctx, Decoder, KVCache, LMConfig, VLM, ViT, ViTConfig
@@ -359,3 +360,29 @@ def test_adem_sqa_on_two_processes_matches_one(tiny, sqa_root, tmp_path):
                 torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
         assert two['vision.blocks.0.adapters.0.fc2.weight'].any()  # trained, same on every rank (one checkpoint)
         assert not two['vision.blocks.1.adapters.0.fc2.weight'].any()  # the never-run block: no gradient, no error
+
+
+def test_adem_coco_config_trains_with_augmentation_and_resumes_exactly(tiny, coco_root, tmp_path, monkeypatch):
+    """config/adem_coco.py with tiny stand-ins: augmented training images (no feature cache), the official
+    sequence [BOS] "Image: " [CLS] "a picture of" " caption" [EOS], captions scored at the end; a run cut after
+    2 steps and resumed gives the uninterrupted losses (the augmentation is seeded by the stream position;
+    constant learning rate so that the shorter run has the same schedule)."""
+    def run(out, *extra):
+        monkeypatch.setattr(sys, 'argv', [
+            'train.py', str(ROOT / 'config' / 'adem_coco.py'), f'--init_vision={tiny["clip"]}',
+            f'--init_lm={tiny["lm"]}', f'--data_root={coco_root}', f'--out_dir={out}', '--eval_split=test',
+            '--adem_scales=(16, 4)', '--batch_size=2', '--global_batch=2', '--dtype=float32', '--eval_iters=1',
+            '--eval_limit=2', '--max_new_tokens=4', '--log_interval=1', '--eval_interval=2', '--warmup_ratio=0.0',
+            '--min_lr=1.125e-3', *extra])
+        return runpy.run_path(str(ROOT / 'train.py'), run_name='__main__')
+
+    def logged(out):
+        return [r['loss'] for r in map(json.loads, open(out / 'log.jsonl')) if 'loss' in r]
+    g = run(tmp_path / 'whole', '--max_iters=4')
+    assert g['feats_cache'] is None and g['image_augment']
+    text = g['tok'].decode([t for t in g['train_ds'][0]['input_ids'].tolist() if t >= 0], skip_special=False)
+    assert text.startswith('Image: ') and ('a picture of a ' in text or 'a picture of the ' in text), text
+    assert json.load(open(tmp_path / 'whole' / 'eval_test.json'))['task'] == 'coco'
+    run(tmp_path / 'cut', '--max_iters=2', '--final_eval=False')
+    run(tmp_path / 'cut', '--max_iters=4', '--init_from=resume', '--final_eval=False')
+    assert logged(tmp_path / 'cut') == pytest.approx(logged(tmp_path / 'whole'), rel=1e-6)
