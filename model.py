@@ -11,8 +11,8 @@ The backbones, written from scratch in plain PyTorch, and the VLM that joins the
 2. Decoder: one LLaMA-family decoder configured by flags: LLaMA-2 / Vicuna, Mistral (sliding
    window), Qwen2 (q/k/v bias), Gemma (sqrt(d) embedding scale, RMSNorm with (1 + w), GeGLU, tied
    head), SmolLM2 (LLaMA with tied embeddings). GQA, RoPE (rotate-half convention, as HF), a
-   preallocated KV cache and `generate()` (greedy / temperature / top-p, stop tokens, batched
-   left-padded prompts).
+   preallocated KV cache and `generate()` (greedy / temperature / top-p, beam search as transformers',
+   stop tokens, batched left-padded prompts).
 3. Loading: `from_pretrained(name_or_path)` for both, from a hub repo id or a local folder, single or
    sharded safetensors, through explicit HF-name -> our-name maps. Every key is consumed and every
    shape checked, or one error names all missing / unexpected / mismatched keys and the files.
@@ -372,6 +372,11 @@ class KVCache:
         self.pos = 0
         self.max_len = max_len
 
+    def reorder(self, rows):
+        """Keep batch rows `rows` (n,) of every layer, in that order (beam search: each beam continues its parent)."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+
     def update(self, layer, k, v):
         """Write k, v (B, n_kv, T, hd) at [pos, pos + T) and return the filled prefix."""
         T = k.shape[2]
@@ -554,9 +559,99 @@ class Decoder(nn.Module):
             h = self(tok[:, None], pos=nxt_pos, pad_mask=use_mask, cache=cache, media=media)[:, -1]
             nxt_pos = nxt_pos + 1
 
-    def generate(self, idx, **kw):
-        """(B, T_new) new tokens; rows that stopped early are filled with their stop token."""
+    def generate(self, idx, *, num_beams=1, length_penalty=1.0, early_stopping=False, **kw):
+        """(B, T_new) new tokens; rows that stopped early are filled with their stop token. num_beams > 1: beam
+        search (see beam_search), otherwise greedy / sampled (see stream)."""
+        if num_beams > 1:
+            return self.beam_search(idx, num_beams=num_beams, length_penalty=length_penalty,
+                                    early_stopping=early_stopping, **kw)
         return torch.stack(list(self.stream(idx, **kw)), dim=1)
+
+    @torch.inference_mode()
+    def beam_search(self, idx, *, num_beams, length_penalty=1.0, early_stopping=False, pad_mask=None, embeds=None,
+                    media=None, max_new_tokens=64, stop_ids=(), temperature=0.0, top_p=1.0, generator=None):
+        """Beam search as transformers' GenerationMixin._beam_search (generation/utils.py, the vectorised one):
+        per row the best of `num_beams` hypotheses by sum log p / len^length_penalty (len = new tokens, the stop
+        token included). Each step keeps the top 2K (K (1 + n_stop) with more stop ids) continuations of all beams;
+        those among the top K that end in a stop token (or reach max_new_tokens) become finished hypotheses, the
+        best K others run on. early_stopping: False (HF's default: stop a row when its best running beam, scored at
+        the current length, cannot beat its worst finished one), True (stop once K hypotheses are finished) or
+        'never' (with length_penalty > 0, score the best running beam at the maximal length). Arguments as stream;
+        media tensors are per row (B, ...) and are repeated for the beams. Returns (B, T_new), padded with the
+        first stop id after a row's stop token."""
+        if temperature > 0:
+            raise ValueError("beam search is deterministic here: temperature must be 0 (no beam sampling)")
+        B, T = idx.shape
+        K = num_beams
+        if T + max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
+                             f"length {self.cfg.max_seq_len}")
+        device = idx.device
+
+        def beams(t):  # (B, ...) -> (B*K, ...): row b's beams at b*K .. b*K + K - 1, as HF's expand
+            return t.repeat_interleave(K, dim=0) if torch.is_tensor(t) and t.dim() and t.shape[0] == B else t
+        idx, embeds = beams(idx), None if embeds is None else beams(embeds)
+        media = {k: beams(v) for k, v in (media or {}).items()}
+        dtype = (embeds if embeds is not None else self.embed.weight).dtype
+        cache = KVCache(self.cfg, B * K, T + max_new_tokens, dtype, device)
+        mask = torch.ones(B * K, T + max_new_tokens, dtype=torch.bool, device=device)
+        if pad_mask is not None:
+            mask[:, :T] = beams(pad_mask.bool())
+        pos = (mask[:, :T].long().cumsum(-1) - 1).clamp(min=0)  # as stream: positions count real tokens only
+        use_mask = mask if pad_mask is not None and not bool(pad_mask.all()) else None
+        stop = torch.tensor(list(stop_ids) or [-1], device=device)
+        fill = int(stop[0]) if stop_ids else 0
+        keep = max(2, 1 + len(stop_ids)) * K  # candidates per row: enough that K survive K stopping
+        top_k_mask = torch.arange(keep, device=device) < K  # only the K best candidates may finish
+        NEG = -1.0e9
+        run_tok = torch.full((B, K, max_new_tokens), fill, dtype=torch.long, device=device)
+        run_score = torch.zeros(B, K, device=device)
+        run_score[:, 1:] = NEG  # all beams start equal: only the first one may expand at step 0
+        fin_tok, fin_score = run_tok.clone(), torch.full((B, K), NEG, device=device)
+        fin_len = torch.zeros(B, K, dtype=torch.long, device=device)
+        fin_done = torch.zeros(B, K, dtype=torch.bool, device=device)
+        improvable = torch.ones(B, 1, dtype=torch.bool, device=device)  # HF's is_early_stop_heuristic_unsatisfied
+        h = self(idx, embeds=embeds, pos=pos, pad_mask=use_mask, cache=cache, media=media)[:, -1]
+        nxt_pos = pos[:, -1:] + 1
+        rows = torch.arange(B, device=device)[:, None] * K  # (B, 1) first flat beam of each row
+        for t in range(max_new_tokens):
+            logp = torch.log_softmax(self.logits(h).float(), dim=-1)  # (B*K, V)
+            V = logp.shape[-1]
+            logp = (logp.view(B, K, V) + run_score[..., None]).view(B, K * V)
+            top_lp, top_i = logp.topk(keep, dim=-1)  # (B, keep)
+            parent, tok = top_i // V, top_i % V
+            cand = torch.take_along_dim(run_tok, parent[..., None], dim=1)  # (B, keep, max_new)
+            cand[:, :, t] = tok
+            hit = torch.isin(tok, stop) | (t + 1 == max_new_tokens)  # (B, keep) a stop token, or the length limit
+            # the K best candidates that did not stop run on
+            run_lp = top_lp + hit.float() * NEG
+            best = run_lp.topk(K, dim=-1).indices  # (B, K)
+            run_tok, run_score = torch.take_along_dim(cand, best[..., None], 1), torch.take_along_dim(run_lp, best, 1)
+            run_parent = torch.take_along_dim(parent, best, 1)
+            # stopped candidates among the top K join the finished hypotheses if they beat the worst kept one
+            just = hit & top_k_mask
+            f = top_lp / ((t + 1) ** length_penalty)
+            f = f + (fin_done.all(-1, keepdim=True) & (early_stopping is True)).float() * NEG
+            f = f + (~improvable).float() * NEG
+            f = f + (~just).float() * NEG
+            m_tok, m_score = torch.cat([fin_tok, cand], 1), torch.cat([fin_score, f], 1)
+            m_len = torch.cat([fin_len, torch.full_like(tok, t + 1)], 1)
+            m_done = torch.cat([fin_done, just], 1)
+            sel = m_score.topk(K, dim=-1).indices  # (B, K)
+            fin_tok, fin_score = torch.take_along_dim(m_tok, sel[..., None], 1), torch.take_along_dim(m_score, sel, 1)
+            fin_len, fin_done = torch.take_along_dim(m_len, sel, 1), torch.take_along_dim(m_done, sel, 1)
+            # can a running beam still beat the worst finished one?
+            n = max_new_tokens if early_stopping == 'never' and length_penalty > 0 else t + 1
+            best_running = run_score[:, :1] / (n ** length_penalty)  # (B, 1)
+            worst = torch.where(fin_done, fin_score.min(-1, keepdim=True).values, NEG)  # (B, K)
+            improvable = improvable & (best_running > worst).any(-1, keepdim=True)
+            if not bool(improvable.any()) or (bool(fin_done.all()) and early_stopping is True) or bool(hit.all()):
+                break
+            cache.reorder((run_parent + rows).flatten())  # each running beam continues its parent's cache
+            h = self(run_tok[:, :, t].reshape(B * K, 1), pos=nxt_pos, pad_mask=use_mask, cache=cache,
+                     media=media)[:, -1]
+            nxt_pos = nxt_pos + 1
+        return fin_tok[:, 0, :int(fin_len[:, 0].max())]  # (B, T_new) the best hypothesis of each row
 
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
@@ -834,12 +929,18 @@ class VLM(nn.Module):
 
     @torch.inference_mode()
     def generate(self, ids, *, pad_mask=None, pixels=None, feats=None, has_image=None, **kw):
-        """Greedy / sampled continuation of left-padded prompts (B, T) with their images; see Decoder.stream."""
-        return torch.stack(list(self.stream(ids, pad_mask=pad_mask, pixels=pixels, feats=feats,
-                                            has_image=has_image, **kw)), dim=1)
+        """Greedy / sampled / beam-searched (num_beams > 1) continuation of left-padded prompts (B, T) with their
+        images; see Decoder.generate."""
+        ids, x, media, pad_mask = self.prompt(ids, pad_mask, pixels, feats, has_image)
+        return self.lm.generate(ids, embeds=x, media=media, pad_mask=pad_mask, **kw)
 
     @torch.inference_mode()
     def stream(self, ids, *, pad_mask=None, pixels=None, feats=None, has_image=None, **kw):
+        ids, x, media, pad_mask = self.prompt(ids, pad_mask, pixels, feats, has_image)
+        yield from self.lm.stream(ids, embeds=x, media=media, pad_mask=pad_mask, **kw)
+
+    def prompt(self, ids, pad_mask, pixels, feats, has_image):
+        """The prompt's ids, embeddings, media and pad mask as the decoder generates from them."""
         if feats is None and pixels is not None:
             feats = self.image_features(pixels)
         x, media = self.embed(ids, feats, has_image)
@@ -847,4 +948,4 @@ class VLM(nn.Module):
         if P:  # the prefix goes before the left padding, and is never padding itself
             ids = F.pad(ids, (P, 0))
             pad_mask = None if pad_mask is None else F.pad(pad_mask.bool(), (P, 0), value=True)
-        yield from self.lm.stream(ids, embeds=x, media=media, pad_mask=pad_mask, **kw)
+        return ids, x, media, pad_mask

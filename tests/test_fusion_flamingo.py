@@ -275,6 +275,25 @@ def test_kv_cache_generation_equals_full_forward_two_images():
         assert not torch.allclose(changed[1:], logits[T:-1], atol=1e-4)
         assert rel_err(changed, model(full, feats=other, has_image=has[b:b + 1])[0, T - 1:-1]) < 1e-5
 
+
+@torch.no_grad()
+def test_beam_search_through_the_vlm_repeats_media_per_beam():
+    """OpenFlamingo evaluates with 3 beams: the media (latents, image index) are repeated for each row's beams,
+    so a left-padded batch gives each row's result alone, and one beam is greedy."""
+    model = open_gates(small_vlm(every=2))
+    prompts = [[3, I, 4, 5, 6, I, 7, 8], [3, I, 9, I, 10]]
+    feats = feats_for(model, 2, 2)
+    has = torch.ones(2, 2, dtype=torch.bool)
+    ids, mask = data.left_pad(prompts, pad_id=0)
+    got = model.generate(ids, pad_mask=mask, feats=feats, has_image=has, max_new_tokens=6, num_beams=3)
+    for b, prompt in enumerate(prompts):
+        alone = model.generate(torch.tensor([prompt]), feats=feats[b:b + 1], has_image=has[b:b + 1],
+                               max_new_tokens=6, num_beams=3)
+        assert alone.tolist()[0] == got[b].tolist()
+    greedy = model.generate(ids, pad_mask=mask, feats=feats, has_image=has, max_new_tokens=6)
+    assert model.generate(ids, pad_mask=mask, feats=feats, has_image=has, max_new_tokens=6,
+                          num_beams=1).tolist() == greedy.tolist()
+
 # -----------------------------------------------------------------------------
 # data: OpenFlamingo's text, labels, several images per sample
 

@@ -251,3 +251,43 @@ def test_corrupt_checkpoint_names_the_file(tmp_path, content):
     with pytest.raises(ValueError, match=f"checkpoint {path} is (corrupt or )?not a checkpoint of this project") as e:
         model_py.load_checkpoint(path)
     assert 'weights_only=False' not in str(e.value) and e.value.__cause__ is None  # never a hint to unpickle it
+
+
+# -----------------------------------------------------------------------------
+# beam search vs transformers' generate(num_beams=...)
+
+def left_pad(rows, width):
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize('beams,penalty,early', [(3, 1.0, False), (5, 1.0, False), (3, 0.0, True), (4, 2.0, 'never'),
+                                                 (3, -1.0, False)])
+def test_beam_search_matches_hf(tmp_path, beams, penalty, early):
+    """Batched, left-padded, with a stop token that some hypotheses reach (the 2nd greedy token of row 0). Two
+    candidates whose scores lie within float32 noise (~1e-6) may rank either way in either implementation: these
+    prompts have none."""
+    ref, ours = save_lm(tmp_path, 'llama')
+    torch.manual_seed(1)
+    ids, mask = left_pad([torch.randint(3, 128, (n,)) for n in (6, 3, 5)], 6)
+    eos = int(ours.generate(ids, pad_mask=mask.bool(), max_new_tokens=3)[0, 1])
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, num_beams=beams,
+                        length_penalty=penalty, early_stopping=early, eos_token_id=eos, pad_token_id=eos)[:, 6:]
+    got = ours.generate(ids, pad_mask=mask.bool(), max_new_tokens=12, num_beams=beams, length_penalty=penalty,
+                        early_stopping=early, stop_ids=[eos])
+    assert got.tolist() == want.tolist()
+    assert (got == eos).any() or penalty > 1  # a best hypothesis stopped (length_penalty 2 favours long ones)
+
+
+@pytest.mark.parametrize('name', ['smollm2', 'gemma'])
+def test_beam_search_no_stop_matches_hf(tmp_path, name):
+    ref, ours = save_lm(tmp_path, name)
+    idx = torch.randint(3, 128, (2, 5))
+    want = ref.generate(idx, max_new_tokens=9, do_sample=False, num_beams=3, eos_token_id=None, pad_token_id=0)[:, 5:]
+    got = ours.generate(idx, max_new_tokens=9, num_beams=3)
+    assert got.tolist() == want.tolist()
+    # one row alone gives its batched result
+    assert ours.generate(idx[1:], max_new_tokens=9, num_beams=3).tolist() == got[1:].tolist()
