@@ -22,6 +22,7 @@ plug in; empty ModuleLists add no parameters, no state-dict keys and no cost.
 """
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 # Configs. Plain dataclasses; `from_hf` reads a Hugging Face config.json dict.
 
 VIT_TYPES = ('clip', 'clip_vision_model', 'dinov2', 'siglip', 'siglip_vision_model')
-LM_TYPES = ('llama', 'mistral', 'qwen2', 'gemma')
+LM_TYPES = ('llama', 'mistral', 'qwen2', 'gemma', 'mpt', 'mosaic_gpt')
 
 
 @dataclass
@@ -104,6 +105,14 @@ class LMConfig:
     embed_scale: bool = False       # Gemma multiplies the embeddings by sqrt(dim)
     norm_plus_one: bool = False     # Gemma's RMSNorm scales by (1 + w)
     sliding_window: int = 0         # Mistral v0.1: a key is visible iff 0 <= q - k < window; 0 = off
+    alibi: bool = False             # MPT: ALiBi biases instead of RoPE
+    alibi_bias_max: float = 8.0     # MPT: slopes 2^(-alibi_bias_max * h / n_heads)
+    norm: str = 'rms'               # 'rms' | 'layernorm' (MPT: LayerNorm without bias)
+    gated_mlp: bool = True          # False: MPT's up -> GELU -> down
+    qk_norm: bool = False           # MPT-1B (MosaicGPT attn_qk_ln): LayerNorm on q and k over the full width
+    clip_qkv: float = 0.0           # MPT attn_config.clip_qkv: clamp q, k, v to +-clip; 0 = off
+    attn_scale: float = 0.0         # MPT attn_config.softmax_scale; 0 = 1 / sqrt(head_dim)
+    layout: str = 'llama'           # checkpoint key names: 'llama' (LLaMA family) | 'mpt' (HF Mpt) | 'mosaic_gpt'
     bos_id: int = 1
     eos_id: int = 2
 
@@ -115,6 +124,8 @@ class LMConfig:
         t = d.get('model_type')
         if t not in LM_TYPES:
             raise ValueError(f"unknown language model_type {t!r}; supported: {', '.join(LM_TYPES)}")
+        if t in ('mpt', 'mosaic_gpt'):
+            return LMConfig.from_mpt(d)
         rope = d.get('rope_parameters') or d.get('rope_scaling') or {}  # transformers >= 5 | hub checkpoints
         rtype = rope.get('rope_type', rope.get('type', 'default'))
         if rtype != 'default':
@@ -142,6 +153,29 @@ class LMConfig:
             tie_embeddings=bool(d.get('tie_word_embeddings', gemma)), embed_scale=gemma, norm_plus_one=gemma,
             sliding_window=window, bos_id=d.get('bos_token_id', 1) or 0,
             eos_id=eos[0] if isinstance(eos, list) else (eos if eos is not None else 2))
+
+
+    @staticmethod
+    def from_mpt(d):
+        """MPT (transformers' MptConfig: attn_config dict) and MPT-1B's older MosaicGPT config (attn_* keys at the top
+        level, as mosaicml/mpt-1b-redpajama-200b): no biases, LayerNorm without bias, ALiBi, tied head."""
+        a = d.get('attn_config') or {}
+        get = (lambda k, default: a.get(k, default)) if d['model_type'] == 'mpt' else \
+            (lambda k, default: d.get('attn_' + k, d.get(k, default)) if k not in ('alibi', 'alibi_bias_max') else d.get(k, default))
+        if not d.get('no_bias', True):
+            raise ValueError("MPT with no_bias=false (biases on every Linear and LayerNorm) is not supported")
+        if not get('alibi', d['model_type'] == 'mosaic_gpt'):
+            raise ValueError("MPT without ALiBi (learned position embeddings) is not supported")
+        if d.get('logit_scale') or get('prefix_lm', False) or get('attn_uses_sequence_id', False):
+            raise ValueError("MPT with logit_scale / prefix_lm / attn_uses_sequence_id is not supported")
+        dim, nh = d['d_model'], d['n_heads']
+        return LMConfig(vocab_size=d['vocab_size'], dim=dim, n_layers=d['n_layers'], n_heads=nh, n_kv_heads=nh,
+                        head_dim=dim // nh, ffn_dim=int(dim * d.get('expansion_ratio', d.get('mlp_ratio', 4))),
+                        norm_eps=d.get('layer_norm_epsilon', 1e-5), max_seq_len=d.get('max_seq_len', 2048), act='gelu',
+                        tie_embeddings=True, alibi=True, alibi_bias_max=float(get('alibi_bias_max', 8)), norm='layernorm',
+                        gated_mlp=False, qk_norm=bool(get('qk_ln', False)), clip_qkv=float(get('clip_qkv', None) or 0),
+                        attn_scale=float(get('softmax_scale', None) or 0), layout=d['model_type'], bos_id=d.get('bos_token_id') or 0,
+                        eos_id=d.get('eos_token_id') if d.get('eos_token_id') is not None else 0)
 
 
 def _act_name(hf_name):
@@ -398,45 +432,74 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.v = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=cfg.o_bias)
+        if cfg.qk_norm:  # MosaicGPT's q_ln / k_ln, over the whole width before the head split
+            self.q_norm, self.k_norm = make_norm(cfg, cfg.n_heads * hd), make_norm(cfg, cfg.n_kv_heads * hd)
 
     def forward(self, x, ctx: Ctx):
         B, T, _ = x.shape
-        hd = self.cfg.head_dim
-        q = self.q(x).view(B, T, self.cfg.n_heads, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k(x).view(B, T, self.cfg.n_kv_heads, hd).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v(x).view(B, T, self.cfg.n_kv_heads, hd).transpose(1, 2)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        hd, c = self.cfg.head_dim, self.cfg.clip_qkv
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if c:  # MPT clamps the fused Wqkv output
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.cfg.n_heads, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.cfg.n_kv_heads, hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.cfg.n_kv_heads, hd).transpose(1, 2)
+        if ctx.cos is not None:  # RoPE; ALiBi (MPT) is in ctx.mask instead
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v)  # (B, n_kv, S, hd), S = cached + T
         y = self.attend(q, k, v, ctx)  # (B, nh, T, hd)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
     def attend(self, q, k, v, ctx: Ctx):
+        scale = self.cfg.attn_scale or None
         if ctx.mask is None:  # plain causal over T == S, or a single query that may see every key
-            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True, scale=scale)
 
 
 class MLP(nn.Module):
-    """Gated MLP: down(act(gate(x)) * up(x)). SwiGLU (Shazeer 2020) for LLaMA, GeGLU for Gemma."""
+    """Gated MLP: down(act(gate(x)) * up(x)). SwiGLU (Shazeer 2020) for LLaMA, GeGLU for Gemma. MPT's is not gated:
+    down(GELU(up(x)))."""
 
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.act = cfg.act
-        self.gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False) if cfg.gated_mlp else None
         self.up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x):
+        if self.gate is None:
+            return self.down(act_fn(self.act, self.up(x)))
         return self.down(act_fn(self.act, self.gate(x)) * self.up(x))
+
+
+def make_norm(cfg: LMConfig, dim=None):
+    """RMSNorm (LLaMA family), or MPT's LayerNorm without bias."""
+    if cfg.norm == 'layernorm':
+        return nn.LayerNorm(dim or cfg.dim, eps=cfg.norm_eps, bias=False)
+    return RMSNorm(dim or cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+
+
+def alibi_slopes(n_heads, bias_max=8.0):
+    """ALiBi (Press et al. 2022) slopes (n_heads,) as MPT: 2^(-bias_max * i / n) for i = 1..n with n the next power
+    of two; for other head counts the odd-indexed then the even-indexed slopes of that n, first n_heads of them."""
+    n = 2 ** math.ceil(math.log2(n_heads))
+    slopes = 1.0 / 2 ** (torch.arange(1, n + 1).float() * (bias_max / n))
+    if n != n_heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:n_heads]
+    return slopes
 
 
 class Block(nn.Module):
     def __init__(self, cfg: LMConfig, layer_idx):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+        self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer_idx)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+        self.ffn_norm = make_norm(cfg)
         self.ffn = MLP(cfg)
         # seams for fusion methods (fusion.py); empty by default
         self.pre = nn.ModuleList()       # x <- f(x, ctx) before the layer (Flamingo gated cross-attention)
@@ -463,7 +526,7 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+        self.norm = make_norm(cfg)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def embed_tokens(self, idx):
@@ -485,9 +548,11 @@ class Decoder(nn.Module):
         start = cache.pos if cache is not None else 0
         if pos is None:
             pos = torch.arange(start, start + T, device=x.device).expand(B, T)
-        cos, sin = rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        ctx = Ctx(cos=cos, sin=sin, mask=self.attn_mask(B, T, start, pad_mask, x.device), cache=cache,
-                  media=media if media is not None else {})
+        cos, sin = (None, None) if self.cfg.alibi else rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        mask = self.attn_mask(B, T, start, pad_mask, x.device)
+        if self.cfg.alibi:
+            mask = self.alibi_bias(mask, B, T, start, x.dtype, x.device)
+        ctx = Ctx(cos=cos, sin=sin, mask=mask, cache=cache, media=media if media is not None else {})
         for blk in self.blocks:
             x = blk(x, ctx)
         if cache is not None:
@@ -511,6 +576,18 @@ class Decoder(nn.Module):
             m = m & pad_mask[:, None, None, :S].bool()
             m = m | (ki == qi)  # a padding query sees itself, so its softmax row is never empty
         return m
+
+    def alibi_bias(self, mask, B, T, start, dtype, device):
+        """MPT's attention bias: slope_h * (k - q) on cache indices, -inf where `mask` forbids (B or 1, nh, T, S).
+        MPT adds slope_h * (k - (S - 1)); the two differ by a constant per query row, which softmax ignores."""
+        S = start + T
+        qi = torch.arange(start, S, device=device)[:, None]  # (T, 1)
+        ki = torch.arange(S, device=device)[None, :]  # (1, S)
+        slopes = alibi_slopes(self.cfg.n_heads, self.cfg.alibi_bias_max).to(device)
+        bias = (slopes[:, None, None] * (ki - qi)).to(dtype)[None]  # (1, nh, T, S)
+        if mask is None:
+            mask = (ki <= qi)[None, None]  # (1, 1, T, S)
+        return bias.masked_fill(~mask, float('-inf'))
 
     @staticmethod
     def from_pretrained(name_or_path, dtype=torch.float32, device='cpu'):
@@ -673,7 +750,9 @@ LM_IGNORE = ('rotary_emb.inv_freq', 'vision_tower.', 'model.vision_tower.', 'vis
 
 
 def lm_key_map(cfg: LMConfig):
-    """HF name -> our name for LLaMA / Mistral / Qwen2 / Gemma checkpoints."""
+    """HF name -> our name for LLaMA / Mistral / Qwen2 / Gemma checkpoints (MPT: mpt_key_map)."""
+    if cfg.layout != 'llama':
+        return mpt_key_map(cfg)
     m = {'model.embed_tokens.weight': 'embed.weight', 'model.norm.weight': 'norm.weight'}
     if not cfg.tie_embeddings:
         m['lm_head.weight'] = 'head.weight'
@@ -689,6 +768,24 @@ def lm_key_map(cfg: LMConfig):
     for i in range(cfg.n_layers):
         for hf, ours in blk.items():
             m[f'model.layers.{i}.{hf}'] = f'blocks.{i}.{ours}'
+    return m
+
+
+def mpt_key_map(cfg: LMConfig):
+    """HF name -> ours for MPT: transformers' MptForCausalLM names ('mpt'), or MosaicGPT's ('mosaic_gpt': MosaicML
+    examples' gpt_blocks.py GPTBlock ln_1 / attn / ln_2 / mlp.mlp_up / mlp_down, transformer.ln_f). The fused Wqkv
+    maps to a tuple: load_weights splits it into equal q, k, v rows. The head is tied to transformer.wte."""
+    mos = cfg.layout == 'mosaic_gpt'
+    m = {'transformer.wte.weight': 'embed.weight', f'transformer.{"ln_f" if mos else "norm_f"}.weight': 'norm.weight'}
+    names = ('ln_1', 'ln_2', 'mlp.mlp_up', 'mlp.mlp_down') if mos else ('norm_1', 'norm_2', 'ffn.up_proj', 'ffn.down_proj')
+    for i in range(cfg.n_layers):
+        hf, ours = f'transformer.blocks.{i}.', f'blocks.{i}.'
+        m[hf + 'attn.Wqkv.weight'] = tuple(ours + f'attn.{p}.weight' for p in 'qkv')
+        m.update({hf + 'attn.out_proj.weight': ours + 'attn.o.weight', hf + f'{names[0]}.weight': ours + 'attn_norm.weight',
+                  hf + f'{names[1]}.weight': ours + 'ffn_norm.weight', hf + f'{names[2]}.weight': ours + 'ffn.up.weight',
+                  hf + f'{names[3]}.weight': ours + 'ffn.down.weight'})
+        if cfg.qk_norm:
+            m.update({hf + 'attn.q_ln.weight': ours + 'attn.q_norm.weight', hf + 'attn.k_ln.weight': ours + 'attn.k_norm.weight'})
     return m
 
 # -----------------------------------------------------------------------------
@@ -803,7 +900,9 @@ def load_weights(model, folder, key_map, *, dtype=torch.float32, device='cpu', r
     from safetensors import safe_open
     files = safetensors_files(folder)
     params = dict(model.named_parameters())
-    assert set(key_map.values()) == set(params), f"key map and model disagree: {set(key_map.values()) ^ set(params)}"
+    ours_of = {hf: v if isinstance(v, tuple) else (v,) for hf, v in key_map.items()}  # a tuple: a fused tensor's parts
+    mapped = {o for v in ours_of.values() for o in v}
+    assert mapped == set(params), f"key map and model disagree: {mapped ^ set(params)}"
     handles = [safe_open(str(p), framework='pt', device='cpu') for p in files]
     keys = [(h, k) for h in handles for k in h.keys()]
     renames = [r if isinstance(r, tuple) else (r, '') for r in renames]
@@ -818,18 +917,21 @@ def load_weights(model, folder, key_map, *, dtype=torch.float32, device='cpu', r
             if not any(x.startswith(i) or x.endswith(i) for i in ignore for x in (k, key)):
                 unexpected.append(key)
             continue
-        ours = key_map[k]
+        parts = ours_of[k]
         t = h.get_tensor(key)
-        if ours == 'cls' and t.dim() == 1:  # CLIP stores its class embedding as (D,)
+        if parts == ('cls',) and t.dim() == 1:  # CLIP stores its class embedding as (D,)
             t = t.view(1, 1, -1)
-        if ours == 'pos' and t.dim() == 2:  # an nn.Embedding weight (N, D) -> (1, N, D)
+        if parts == ('pos',) and t.dim() == 2:  # an nn.Embedding weight (N, D) -> (1, N, D)
             t = t.unsqueeze(0)
-        if t.shape != params[ours].shape:
-            mismatched[ours] = f"{key}: checkpoint {tuple(t.shape)} vs model {tuple(params[ours].shape)}"
+        want = torch.Size([sum(params[o].shape[0] for o in parts), *params[parts[0]].shape[1:]])  # fused along dim 0
+        if t.shape != want:
+            mismatched[k] = f"{key}: checkpoint {tuple(t.shape)} vs model {tuple(want)}"
             continue
-        state[ours] = t.to(device=device, dtype=dtype)
-    inverse = {ours: hf for hf, ours in key_map.items()}
-    missing = [rename(inverse[p], new, old) for p in params if p not in state and p not in mismatched]  # as named on disk
+        for o, piece in zip(parts, t.split([params[o].shape[0] for o in parts])):
+            state[o] = piece.to(device=device, dtype=dtype)
+    inverse = {o: hf for hf, v in ours_of.items() for o in v}
+    missing = list(dict.fromkeys(rename(inverse[p], new, old) for p in params  # as named on disk, once per fused key
+                                 if p not in state and inverse[p] not in mismatched))
     if missing or unexpected or mismatched:
         msg = [f"checkpoint {folder} ({', '.join(f.name for f in files)}) does not match {type(model).__name__}:"]
         for name, ks in (('missing', missing), ('unexpected', unexpected), ('wrong shape', list(mismatched.values()))):
