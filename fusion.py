@@ -201,9 +201,9 @@ class QFormerFusion(nn.Module):
 #   mini_gpt4.py set those modules to None). Without qformer_init the Q-Former starts from BERT's init, not
 #   bert-base + stage 1 (Salesforce/blip2-itm-vit-g is BLIP-2's stage-1 model): it needs more data.
 # - The queries come after BOS ([BOS][queries] prompt); BLIP-2 prepends them ([queries][BOS] caption).
-# - Every public BLIP-2 Q-Former cross-attends to 1408-wide EVA ViT-g features, a tower model.py lacks: it
-#   loads only onto a tower of that width (OpenCLIP ViT-g/14 fits the shapes, not the features), as a start
-#   to train rather than a frozen drop-in.
+# - Every public BLIP-2 Q-Former cross-attends to 1408-wide EVA ViT-g features: init_vision = the same Blip2 /
+#   InstructBLIP checkpoint loads that tower (model.py ViT kind 'eva'), with vision_norm=False (ln_vision here is
+#   HF's post_layernorm, which the tower's own final norm also holds).
 
 # -----------------------------------------------------------------------------
 # BLIP-2 Q-Former weights, from a HF Blip2 checkpoint (Blip2ForConditionalGeneration, Blip2Model,

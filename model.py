@@ -1,13 +1,17 @@
 """
 The backbones, written from scratch in plain PyTorch, and the VLM that joins them.
 
-1. ViT: one vision transformer, configured by flags, that reproduces three public families
+1. ViT: one vision transformer, configured by flags, that reproduces four public families
    - CLIP ViT (Radford et al. 2021; HF transformers models/clip/modeling_clip.py): class token,
      pre-LayerNorm on the embeddings, quick_gelu, patch conv without bias.
    - DINOv2 (Oquab et al. 2023; HF models/dinov2/modeling_dinov2.py): class token, LayerScale,
      exact GELU, a final LayerNorm on every token.
    - SigLIP (Zhai et al. 2023; HF models/siglip/modeling_siglip.py): no class token, gelu_tanh,
      a final LayerNorm on every token (the attention-pooling head is not used by VLMs; skipped).
+   - EVA ViT-g (Fang et al. 2023) as BLIP-2 / InstructBLIP / MiniGPT-4 use it (HF models/blip_2/modeling_blip_2.py
+     Blip2VisionModel, instructblip InstructBlipVisionModel; 1408 wide, 39 of EVA's 40 blocks kept by HF's
+     conversion): class token, patch conv with bias, exact GELU, fused qkv with q and v biases (k's is 0), the final
+     LayerNorm (post_layernorm = LAVIS's ln_vision) on every token.
 2. Decoder: one LLaMA-family decoder configured by flags: LLaMA-2 / Vicuna, Mistral (sliding
    window), Qwen2 (q/k/v bias), Gemma (sqrt(d) embedding scale, RMSNorm with (1 + w), GeGLU, tied
    head), SmolLM2 (LLaMA with tied embeddings). GQA, RoPE (rotate-half convention, as HF), a
@@ -34,13 +38,14 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # Configs. Plain dataclasses; `from_hf` reads a Hugging Face config.json dict.
 
-VIT_TYPES = ('clip', 'clip_vision_model', 'dinov2', 'siglip', 'siglip_vision_model')
+VIT_TYPES = ('clip', 'clip_vision_model', 'dinov2', 'siglip', 'siglip_vision_model', 'blip_2_vision_model',
+             'instructblip_vision_model')
 LM_TYPES = ('llama', 'mistral', 'qwen2', 'gemma', 'mpt', 'mosaic_gpt')
 
 
 @dataclass
 class ViTConfig:
-    kind: str = 'clip'              # 'clip' | 'dinov2' | 'siglip'
+    kind: str = 'clip'              # 'clip' | 'dinov2' | 'siglip' | 'eva' (BLIP-2 / InstructBLIP's EVA ViT-g)
     image_size: int = 224
     patch_size: int = 14
     dim: int = 1024
@@ -58,7 +63,8 @@ class ViTConfig:
     def from_hf(d):
         """HF config.json dict -> ViTConfig. Accepts full CLIP/SigLIP configs (uses vision_config)
         and VLM configs that nest one (llava's vision_config)."""
-        if 'vision_config' in d and d.get('model_type') not in ('clip_vision_model', 'siglip_vision_model'):
+        if 'vision_config' in d and d.get('model_type') not in ('clip_vision_model', 'siglip_vision_model',
+                                                                'blip_2_vision_model', 'instructblip_vision_model'):
             d = d['vision_config']
         t = d.get('model_type')
         if t not in VIT_TYPES:
@@ -70,6 +76,14 @@ class ViTConfig:
                              n_heads=d.get('num_attention_heads', 12), mlp_dim=d.get('intermediate_size', 3072),
                              norm_eps=d.get('layer_norm_eps', 1e-5), act=_act_name(act),
                              cls_token=True, pre_norm=True, patch_bias=False, layer_scale=False)
+        if t in ('blip_2_vision_model', 'instructblip_vision_model'):
+            if not d.get('qkv_bias', True):
+                raise ValueError(f"{t} with qkv_bias=false is not supported (every public BLIP-2 / InstructBLIP has it)")
+            return ViTConfig(kind='eva', image_size=d.get('image_size', 224), patch_size=d.get('patch_size', 14),
+                             dim=d.get('hidden_size', 1408), n_layers=d.get('num_hidden_layers', 39),
+                             n_heads=d.get('num_attention_heads', 16), mlp_dim=d.get('intermediate_size', 6144),
+                             norm_eps=d.get('layer_norm_eps', 1e-6), act=_act_name(d.get('hidden_act', 'gelu')),
+                             cls_token=True, pre_norm=False, patch_bias=True, layer_scale=False)
         if t == 'dinov2':
             if d.get('use_swiglu_ffn'):
                 raise ValueError("DINOv2 with use_swiglu_ffn (ViT-g) is not supported")
@@ -310,7 +324,8 @@ class ViT(nn.Module):
 # buffers that HF saves but that carry nothing we compute with
 VIT_IGNORE = ('text_model.', 'visual_projection.', 'text_projection', 'logit_scale', 'logit_bias', 'head.',
               'embeddings.mask_token', 'position_ids', 'language_model.', 'model.language_model.', 'lm_head.',
-              'multi_modal_projector.', 'model.multi_modal_projector.')
+              'multi_modal_projector.', 'model.multi_modal_projector.', 'qformer.', 'query_tokens',
+              'language_projection.')
 
 
 def vit_key_map(cfg: ViTConfig):
@@ -332,6 +347,16 @@ def vit_key_map(cfg: ViTConfig):
                'attention.attention.value': 'v', 'attention.output.dense': 'o', 'norm2': 'norm2',
                'mlp.fc1': 'fc1', 'mlp.fc2': 'fc2'}
         layers = 'encoder.layer'
+    elif cfg.kind == 'eva':  # HF Blip2VisionModel / InstructBlipVisionModel (EVA ViT-g, Fang et al. 2023)
+        m.update({'embeddings.class_embedding': 'cls', 'embeddings.patch_embedding.weight': 'patch.weight',
+                  'embeddings.patch_embedding.bias': 'patch.bias', 'embeddings.position_embedding': 'pos',
+                  'post_layernorm.weight': 'norm.weight', 'post_layernorm.bias': 'norm.bias'})
+        blk = {'layer_norm1': 'norm1', 'self_attn.projection': 'o', 'layer_norm2': 'norm2', 'mlp.fc1': 'fc1',
+               'mlp.fc2': 'fc2'}
+        layers = 'encoder.layers'
+        for i in range(cfg.n_layers):  # one fused qkv; its bias is (q_bias, 0, v_bias), loaded as it is stored
+            for p in ('weight', 'bias'):
+                m[f'{layers}.{i}.self_attn.qkv.{p}'] = tuple(f'blocks.{i}.{x}.{p}' for x in 'qkv')
     else:  # siglip
         m.update({'embeddings.patch_embedding.weight': 'patch.weight', 'embeddings.patch_embedding.bias': 'patch.bias',
                   'embeddings.position_embedding.weight': 'pos',

@@ -25,10 +25,12 @@ def vit_cases():
                                                                   num_attention_heads=2, vocab_size=99))),
         'dinov2': (T.Dinov2Model, T.Dinov2Config(mlp_ratio=3, **small)),
         'siglip': (T.SiglipVisionModel, T.SiglipVisionConfig(intermediate_size=128, **small)),
+        'eva_blip2': (T.Blip2VisionModel, T.Blip2VisionConfig(intermediate_size=128, **small)),
+        'eva_instructblip': (T.InstructBlipVisionModel, T.InstructBlipVisionConfig(intermediate_size=128, **small)),
     }
 
 
-@pytest.mark.parametrize('name', ['clip', 'clip_full', 'dinov2', 'siglip'])
+@pytest.mark.parametrize('name', ['clip', 'clip_full', 'dinov2', 'siglip', 'eva_blip2', 'eva_instructblip'])
 @pytest.mark.parametrize('size', [32, 48])  # 48: a second image size through position interpolation
 def test_vit_parity(tmp_path, name, size):
     cls, cfg = vit_cases()[name]
@@ -377,3 +379,22 @@ def test_mosaic_gpt_checkpoint_with_qk_layernorm(tmp_path):
     with pytest.raises(ValueError, match=r'(?s)1 missing: transformer\.blocks\.1\.attn\.Wqkv\.weight.*wrong shape: '
                                          r'transformer\.blocks\.0\.attn\.Wqkv\.weight: checkpoint \(190, 64\) vs model \(192, 64\)'):
         Decoder.from_pretrained(tmp_path / 'mos')
+
+
+def test_eva_tower_from_a_whole_instructblip_checkpoint(tmp_path):
+    """The tower inside a full InstructBlipForConditionalGeneration save (vision_model.* beside qformer.*,
+    query_tokens, language_projection.* and a T5 language_model.*): the vision keys load, the others are skipped."""
+    cfg = T.InstructBlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                            encoder_hidden_size=32, vocab_size=99, max_position_embeddings=64),
+        text_config=T.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4).to_dict(),
+        num_query_tokens=4)
+    ref = randomize(T.InstructBlipForConditionalGeneration(cfg)).eval()
+    ref.save_pretrained(tmp_path)
+    ours = ViT.from_pretrained(tmp_path)
+    assert ours.cfg.kind == 'eva' and ours.cfg.n_layers == 2
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(ours(x, norm=True), ref.vision_model(pixel_values=x).last_hidden_state) < TOL
