@@ -14,7 +14,8 @@ The backbones, written from scratch in plain PyTorch, and the VLM that joins the
      LayerNorm (post_layernorm = LAVIS's ln_vision) on every token.
 2. Decoder: one LLaMA-family decoder configured by flags: LLaMA-2 / Vicuna, Mistral (sliding
    window), Qwen2 (q/k/v bias), Gemma (sqrt(d) embedding scale, RMSNorm with (1 + w), GeGLU, tied
-   head), SmolLM2 (LLaMA with tied embeddings). GQA, RoPE (rotate-half convention, as HF), a
+   head), SmolLM2 (LLaMA with tied embeddings), MPT (Press et al. 2022 ALiBi instead of RoPE, LayerNorm without bias,
+   up-GELU-down MLP, tied head; HF models/mpt/modeling_mpt.py, and MPT-1B's MosaicGPT with QK LayerNorm). GQA, RoPE (rotate-half convention, as HF), a
    preallocated KV cache and `generate()` (greedy / temperature / top-p, beam search as transformers',
    stop tokens, batched left-padded prompts).
 3. Loading: `from_pretrained(name_or_path)` for both, from a hub repo id or a local folder, single or
