@@ -100,7 +100,8 @@ def score(task, samples, preds):
 
 @torch.inference_mode()
 def run(model, samples, io, *, task, features=None, batch_size=32, max_new_tokens=10, autocast=nullcontext(),
-        rank=0, world=1, device='cpu', dtype=torch.float32, progress=True, temperature=0.0, top_p=1.0):
+        rank=0, world=1, device='cpu', dtype=torch.float32, progress=True, temperature=0.0, top_p=1.0,
+        num_beams=1):
     """Generate an answer for every sample's prompt (its messages minus the final answer, then
     io['answer_prefix'], which the generated text continues and is not part of), batched with left padding
     and sorted by length, score them, and return {'task', 'n', 'metrics', 'predictions'}.
@@ -108,7 +109,8 @@ def run(model, samples, io, *, task, features=None, batch_size=32, max_new_token
     block's forward is a collective, so the shares are padded to one length (repeats, discarded) and decoding
     goes on until every rank's rows are done: all ranks run the same forward passes.
     features(images) -> dict(pixels, feats, has_image): the caller's (cached) image pipeline.
-    temperature 0 decodes greedily; > 0 samples (top_p: nucleus), e.g. LaVIN's 0.1 / 0.75."""
+    temperature 0 decodes greedily; > 0 samples (top_p: nucleus), e.g. LaVIN's 0.1 / 0.75; num_beams > 1: beam
+    search (PETAL 5, OpenFlamingo 3)."""
     from tqdm import tqdm
     tok = io['tok']
     features = features or (lambda images: data.image_inputs(model, images, io['image_cfg'], device=device, dtype=dtype))
@@ -143,7 +145,8 @@ def run(model, samples, io, *, task, features=None, batch_size=32, max_new_token
         ids, mask = data.left_pad([prompts[i] for i in idx], tok.pad_id)
         with autocast:
             out = model.generate(ids.to(device), pad_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 stop_ids=stop_ids, temperature=temperature, top_p=top_p, all_done=all_done,
+                                 stop_ids=stop_ids, temperature=temperature, top_p=top_p, num_beams=num_beams,
+                                 all_done=all_done,
                                  **features([data.image_sources(samples[i]) for i in idx]))
         for i, row in zip(idx, out.tolist()):
             if i not in real:
@@ -199,7 +202,7 @@ def main(argv):
     autocast = nullcontext() if c['dtype'] == 'float32' else torch.autocast(c['device'].split(':')[0], dtype=ptdtype)
     result = run(model, samples, io, task=cfg['dataset'], batch_size=c['batch_size'], autocast=autocast,
                  device=c['device'], dtype=ptdtype, max_new_tokens=c['max_new_tokens'] or cfg['max_new_tokens'],
-                 temperature=cfg.get('temperature', 0.0), top_p=cfg.get('top_p', 1.0),
+                 temperature=cfg.get('temperature', 0.0), top_p=cfg.get('top_p', 1.0), num_beams=cfg.get('num_beams', 1),
                  features=lambda images: data.image_inputs(model, images, io['image_cfg'], cache={}, device=c['device'],
                                                            dtype=ptdtype, autocast=autocast))
     print_table(result)

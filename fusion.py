@@ -115,35 +115,46 @@ class QFormerAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, x, mem=None, p=0.0):
+    def forward(self, x, mem=None, p=0.0, mask=None):
+        """mask (B, 1, 1, S) bool, True = key visible: the instruction's padding (InstructBLIP); None = all keys."""
         mem = x if mem is None else mem
         B, T, D = x.shape
         S, nh = mem.shape[1], self.n_heads
         q = self.q(x).view(B, T, nh, D // nh).transpose(1, 2)    # (B, nh, T, hd)
         k = self.k(mem).view(B, S, nh, D // nh).transpose(1, 2)  # (B, nh, S, hd)
         v = self.v(mem).view(B, S, nh, D // nh).transpose(1, 2)  # (B, nh, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # no mask: all queries, all image tokens
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # the queries always see each other
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.norm(x + F.dropout(self.o(y), p, self.training))
 
 
 class QFormerLayer(nn.Module):
-    """Self-attention over the queries, cross-attention to the image (only in layers that have one), then the
-    queries' own FFN (LAVIS intermediate_query / output_query: Linear -> GELU -> Linear, post-LN)."""
+    """Self-attention over the queries (and InstructBLIP's instruction tokens after them), cross-attention of the
+    queries alone to the image (only in layers that have one), then the queries' own FFN (LAVIS intermediate_query /
+    output_query: Linear -> GELU -> Linear, post-LN); instruction tokens go through the text FFN (intermediate /
+    output, `text_ffn`) instead."""
 
-    def __init__(self, dim, n_heads, mlp_dim, *, vis_dim=None, eps=1e-12):
+    def __init__(self, dim, n_heads, mlp_dim, *, vis_dim=None, eps=1e-12, text_ffn=False):
         super().__init__()
         self.attn = QFormerAttention(dim, n_heads, eps=eps)
         self.xattn = QFormerAttention(dim, n_heads, vis_dim, eps=eps) if vis_dim else None
         self.fc1 = nn.Linear(dim, mlp_dim)
         self.fc2 = nn.Linear(mlp_dim, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
+        if text_ffn:
+            self.text_fc1, self.text_fc2 = nn.Linear(dim, mlp_dim), nn.Linear(mlp_dim, dim)
+            self.text_norm = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, x, img, p=0.0):
-        x = self.attn(x, p=p)
+    def forward(self, x, img, p=0.0, n_queries=None, mask=None):
+        x = self.attn(x, p=p, mask=mask)
+        q, t = x[:, :n_queries], x[:, n_queries:]  # (B, Q, dim), (B, L, dim) the instruction (L = 0 without one)
         if self.xattn is not None:
-            x = self.xattn(x, img, p=p)
-        return self.norm(x + F.dropout(self.fc2(F.gelu(self.fc1(x))), p, self.training))
+            q = self.xattn(q, img, p=p)
+        q = self.norm(q + F.dropout(self.fc2(F.gelu(self.fc1(q))), p, self.training))
+        if t.shape[1] == 0:
+            return q
+        t = self.text_norm(t + F.dropout(self.text_fc2(F.gelu(self.text_fc1(t))), p, self.training))
+        return torch.cat([q, t], dim=1)  # (B, Q + L, dim)
 
 
 class QFormer(nn.Module):
@@ -154,16 +165,19 @@ class QFormer(nn.Module):
     trains (MiniGPT-4's `disabled_train` keeps a frozen one in eval mode). (B, N, vis_dim) -> (B, Q, dim)."""
 
     def __init__(self, vis_dim, *, dim=768, n_layers=12, n_heads=12, n_queries=32, mlp_dim=None,
-                 cross_attention_freq=2, eps=1e-12, dropout=0.1):
+                 cross_attention_freq=2, eps=1e-12, dropout=0.1, text_vocab=0, text_positions=512):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"Q-Former width {dim} is not a multiple of its {n_heads} heads (qformer_dim / qformer_heads)")
         self.cross_attention_freq, self.dropout = cross_attention_freq, dropout
         self.query = nn.Parameter(torch.empty(1, n_queries, dim))
         self.norm = nn.LayerNorm(dim, eps=eps)
+        if text_vocab:  # InstructBLIP: the instruction's BERT word and position embeddings
+            self.word = nn.Embedding(text_vocab, dim)
+            self.word_pos = nn.Embedding(text_positions, dim)
         self.layers = nn.ModuleList(
             QFormerLayer(dim, n_heads, mlp_dim or 4 * dim, vis_dim=vis_dim if i % cross_attention_freq == 0 else None,
-                         eps=eps) for i in range(n_layers))
+                         eps=eps, text_ffn=bool(text_vocab)) for i in range(n_layers))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -171,21 +185,33 @@ class QFormer(nn.Module):
         """BERT's init: Linear weights and the queries N(0, 0.02^2), biases 0, LayerNorms 1 / 0."""
         nn.init.normal_(self.query, std=0.02)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if isinstance(m, nn.Linear):
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, img):
+    def forward(self, img, text=None, text_mask=None):
+        """img (B, N, vis_dim); text (B, L) InstructBLIP's instruction ids in the Q-Former's own (BERT) vocabulary,
+        right-padded with text_mask (B, L) (False = padding), or None (BLIP-2) -> the query outputs (B, Q, dim)."""
         train = self.training and any(q.requires_grad for q in self.parameters())
         p = self.dropout if train else 0.0
-        x = self.query.expand(img.shape[0], -1, -1)  # (B, Q, dim)
+        B, Q = img.shape[0], self.query.shape[1]
+        x = self.query.expand(B, -1, -1)  # (B, Q, dim)
+        mask = None
+        if text is not None:
+            if not hasattr(self, 'word'):
+                raise ValueError("this Q-Former has no text embeddings (BLIP-2's): it takes no instruction tokens")
+            pos = torch.arange(text.shape[1], device=text.device)  # the instruction's positions start at 0
+            x = torch.cat([x, (self.word(text) + self.word_pos(pos)).to(x.dtype)], dim=1)  # (B, Q + L, dim)
+            if text_mask is not None:  # keys: every query, the instruction's real tokens
+                mask = F.pad(text_mask.bool(), (Q, 0), value=True)[:, None, None, :]  # (B, 1, 1, Q + L)
         x = F.dropout(self.norm(x), p, train)
         for layer in self.layers:
-            x = layer(x, img, p)
-        return x  # (B, Q, dim)
+            x = layer(x, img, p, Q, mask)
+        return x[:, :Q]  # (B, Q, dim)
 
 
 class QFormerFusion(nn.Module):
@@ -197,28 +223,34 @@ class QFormerFusion(nn.Module):
     trainable = ('fusion.',)  # ln_vision, queries, Q-Former, proj (MiniGPT-4 deviates: trainable=('fusion.proj.',))
 
     def __init__(self, vis_dim, lm_dim, *, dim=768, n_layers=12, n_heads=12, n_queries=32, mlp_dim=None,
-                 cross_attention_freq=2, eps=1e-12, vis_eps=1e-5, dropout=0.1):
+                 cross_attention_freq=2, eps=1e-12, vis_eps=1e-5, dropout=0.1, text_vocab=0, text_positions=512):
         super().__init__()
         self.ln_vision = nn.LayerNorm(vis_dim, eps=vis_eps)  # LAVIS: nn.LayerNorm's default eps
         self.qformer = QFormer(vis_dim, dim=dim, n_layers=n_layers, n_heads=n_heads, n_queries=n_queries,
-                               mlp_dim=mlp_dim, cross_attention_freq=cross_attention_freq, eps=eps, dropout=dropout)
+                               mlp_dim=mlp_dim, cross_attention_freq=cross_attention_freq, eps=eps, dropout=dropout,
+                               text_vocab=text_vocab, text_positions=text_positions)
         self.proj = nn.Linear(dim, lm_dim)
 
     def n_tokens(self, n_vis):
         return self.qformer.query.shape[1]  # the queries, whatever the tower's token count
 
-    def forward(self, feats, *, has_image=None, ids=None):
-        return self.proj(self.qformer(self.ln_vision(feats))), {}  # (B, N, Dv) -> (B, Q, d_LM)
+    def forward(self, feats, *, has_image=None, ids=None, qformer_ids=None, qformer_mask=None):
+        """qformer_ids / qformer_mask (B, L): InstructBLIP's instruction in the Q-Former's vocabulary (None: BLIP-2)."""
+        return self.proj(self.qformer(self.ln_vision(feats), qformer_ids, qformer_mask)), {}  # (B, Q, d_LM)
 
 # Deviations from the reference code
-# - Left out: the Q-Former's text branch (word / position embeddings, the text FFN, the MLM head) and the
-#   stage-1 losses that use it (ITC, ITM, ITG); stage 2 and MiniGPT-4 never give it text (blip2_opt.py and
-#   mini_gpt4.py set those modules to None). Without qformer_init the Q-Former starts from BERT's init, not
+# - Left out for BLIP-2: the Q-Former's text branch (word / position embeddings, the text FFN, the MLM head) and
+#   the stage-1 losses that use it (ITC, ITM, ITG); stage 2 and MiniGPT-4 never give it text (blip2_opt.py and
+#   mini_gpt4.py set those modules to None). InstructBLIP (Dai et al. 2023, arXiv 2305.06500; LAVIS
+#   blip2_t5_instruct.py; parity reference transformers models/instructblip InstructBlipQFormerModel) keeps the
+#   embeddings and the text FFN for its instruction tokens (QFormer text_vocab, fusion(..., qformer_ids=,
+#   qformer_mask=)); the VLM does not yet hand them over from the data (no Q-Former tokenizer in data.py), so
+#   build_vlm runs an InstructBLIP Q-Former on the queries alone. Without qformer_init the Q-Former starts from BERT's init, not
 #   bert-base + stage 1 (Salesforce/blip2-itm-vit-g is BLIP-2's stage-1 model): it needs more data.
 # - The queries come after BOS ([BOS][queries] prompt); BLIP-2 prepends them ([queries][BOS] caption).
-# - Every public BLIP-2 Q-Former cross-attends to 1408-wide EVA ViT-g features, a tower model.py lacks: it
-#   loads only onto a tower of that width (OpenCLIP ViT-g/14 fits the shapes, not the features), as a start
-#   to train rather than a frozen drop-in.
+# - Every public BLIP-2 Q-Former cross-attends to 1408-wide EVA ViT-g features: init_vision = the same Blip2 /
+#   InstructBLIP checkpoint loads that tower (model.py ViT kind 'eva'), with vision_norm=False (ln_vision here is
+#   HF's post_layernorm, which the tower's own final norm also holds).
 
 # -----------------------------------------------------------------------------
 # BLIP-2 Q-Former weights, from a HF Blip2 checkpoint (Blip2ForConditionalGeneration, Blip2Model,
@@ -231,17 +263,23 @@ class QFormerFusion(nn.Module):
 BLIP2_IGNORE = ('vision_model.', 'language_model.', 'embeddings.', 'vision_projection.', 'text_projection.', 'itm_head.')
 
 
-def blip2_key_map(n_layers, cross_attention_freq=2, *, projection=False):
-    """HF Blip2 name -> our name inside QFormerFusion."""
-    m = {'query_tokens': 'qformer.query',
-         'qformer.layernorm.weight': 'qformer.norm.weight', 'qformer.layernorm.bias': 'qformer.norm.bias',
+def blip2_key_map(n_layers, cross_attention_freq=2, *, projection=False, instruct=False):
+    """HF Blip2 name -> our name inside QFormerFusion; instruct=True: HF InstructBLIP's (the embeddings' LayerNorm
+    under qformer.embeddings, word / position embeddings and the text FFN for the instruction tokens)."""
+    norm = 'qformer.embeddings.layernorm' if instruct else 'qformer.layernorm'
+    m = {'query_tokens': 'qformer.query', f'{norm}.weight': 'qformer.norm.weight', f'{norm}.bias': 'qformer.norm.bias',
          'vision_model.post_layernorm.weight': 'ln_vision.weight', 'vision_model.post_layernorm.bias': 'ln_vision.bias'}
+    if instruct:
+        m.update({'qformer.embeddings.word_embeddings.weight': 'qformer.word.weight',
+                  'qformer.embeddings.position_embeddings.weight': 'qformer.word_pos.weight'})
     if projection:
         m.update({'language_projection.weight': 'proj.weight', 'language_projection.bias': 'proj.bias'})
     layer = {'attention.attention.query': 'attn.q', 'attention.attention.key': 'attn.k',
              'attention.attention.value': 'attn.v', 'attention.output.dense': 'attn.o',
              'attention.output.LayerNorm': 'attn.norm',
              'intermediate_query.dense': 'fc1', 'output_query.dense': 'fc2', 'output_query.LayerNorm': 'norm'}
+    if instruct:
+        layer |= {'intermediate.dense': 'text_fc1', 'output.dense': 'text_fc2', 'output.LayerNorm': 'text_norm'}
     cross = {'crossattention.attention.query': 'xattn.q', 'crossattention.attention.key': 'xattn.k',
              'crossattention.attention.value': 'xattn.v', 'crossattention.output.dense': 'xattn.o',
              'crossattention.output.LayerNorm': 'xattn.norm'}
@@ -256,27 +294,31 @@ def blip2_config(name_or_path):
     """QFormerFusion's keyword arguments (all but lm_dim) from a HF Blip2 config.json (HF's defaults where a
     field is absent)."""
     d = read_config(resolve(name_or_path))
-    if d.get('model_type') != 'blip-2':
-        raise ValueError(f"qformer_init {name_or_path}: model_type {d.get('model_type')!r}, expected 'blip-2' "
-                         f"(a Hugging Face Blip2 checkpoint such as Salesforce/blip2-opt-2.7b)")
+    if d.get('model_type') not in ('blip-2', 'instructblip'):
+        raise ValueError(f"qformer_init {name_or_path}: model_type {d.get('model_type')!r}, expected 'blip-2' or "
+                         f"'instructblip' (a Hugging Face Blip2 / InstructBLIP checkpoint such as "
+                         f"Salesforce/blip2-opt-2.7b, Salesforce/instructblip-flan-t5-xl)")
     q, v = d.get('qformer_config') or {}, d.get('vision_config') or {}
     if q.get('hidden_act', 'gelu') != 'gelu':
         raise ValueError(f"qformer_init {name_or_path}: Q-Former activation {q['hidden_act']!r}, expected 'gelu'")
     return dict(vis_dim=v.get('hidden_size', 1408), dim=q.get('hidden_size', 768), n_layers=q.get('num_hidden_layers', 12),
                 n_heads=q.get('num_attention_heads', 12), n_queries=d.get('num_query_tokens', 32),
                 mlp_dim=q.get('intermediate_size', 3072), cross_attention_freq=q.get('cross_attention_frequency', 2),
-                eps=q.get('layer_norm_eps', 1e-12), vis_eps=v.get('layer_norm_eps', 1e-6))
+                eps=q.get('layer_norm_eps', 1e-12), vis_eps=v.get('layer_norm_eps', 1e-6),
+                **(dict(text_vocab=q.get('vocab_size', 30522), text_positions=q.get('max_position_embeddings', 512))
+                   if d['model_type'] == 'instructblip' else {}))
 
 
 def load_blip2(fusion, name_or_path, *, projection=False, dtype=torch.float32, device='cpu'):
     """Copy a HF Blip2 checkpoint's query tokens, Q-Former and ln_vision (+ language_projection when
     projection=True) into `fusion` (a QFormerFusion of the checkpoint's shape, see blip2_config). Every one of
     those keys must be there with the right shape; the tower, the LLM and the text branch are skipped."""
-    n = len(fusion.qformer.layers)
+    n, instruct = len(fusion.qformer.layers), hasattr(fusion.qformer, 'word')
     parts = {'ln_vision': fusion.ln_vision, 'qformer': fusion.qformer} | ({'proj': fusion.proj} if projection else {})
-    text_ffn = tuple(f'qformer.encoder.layer.{i}.{name}.' for i in range(n) for name in ('intermediate', 'output'))
+    text_ffn = () if instruct else tuple(f'qformer.encoder.layer.{i}.{name}.' for i in range(n)
+                                         for name in ('intermediate', 'output'))
     load_weights(nn.ModuleDict(parts), resolve(name_or_path), blip2_key_map(n, fusion.qformer.cross_attention_freq,
-                 projection=projection), dtype=dtype, device=device,
+                 projection=projection, instruct=instruct), dtype=dtype, device=device,
                  ignore=BLIP2_IGNORE + text_ffn + (() if projection else ('language_projection.',)))
     return fusion
 

@@ -1,18 +1,23 @@
 """
 The backbones, written from scratch in plain PyTorch, and the VLM that joins them.
 
-1. ViT: one vision transformer, configured by flags, that reproduces three public families
+1. ViT: one vision transformer, configured by flags, that reproduces four public families
    - CLIP ViT (Radford et al. 2021; HF transformers models/clip/modeling_clip.py): class token,
      pre-LayerNorm on the embeddings, quick_gelu, patch conv without bias.
    - DINOv2 (Oquab et al. 2023; HF models/dinov2/modeling_dinov2.py): class token, LayerScale,
      exact GELU, a final LayerNorm on every token.
    - SigLIP (Zhai et al. 2023; HF models/siglip/modeling_siglip.py): no class token, gelu_tanh,
      a final LayerNorm on every token (the attention-pooling head is not used by VLMs; skipped).
+   - EVA ViT-g (Fang et al. 2023) as BLIP-2 / InstructBLIP / MiniGPT-4 use it (HF models/blip_2/modeling_blip_2.py
+     Blip2VisionModel, instructblip InstructBlipVisionModel; 1408 wide, 39 of EVA's 40 blocks kept by HF's
+     conversion): class token, patch conv with bias, exact GELU, fused qkv with q and v biases (k's is 0), the final
+     LayerNorm (post_layernorm = LAVIS's ln_vision) on every token.
 2. Decoder: one LLaMA-family decoder configured by flags: LLaMA-2 / Vicuna, Mistral (sliding
    window), Qwen2 (q/k/v bias), Gemma (sqrt(d) embedding scale, RMSNorm with (1 + w), GeGLU, tied
-   head), SmolLM2 (LLaMA with tied embeddings). GQA, RoPE (rotate-half convention, as HF), a
-   preallocated KV cache and `generate()` (greedy / temperature / top-p, stop tokens, batched
-   left-padded prompts).
+   head), SmolLM2 (LLaMA with tied embeddings), MPT (Press et al. 2022 ALiBi instead of RoPE, LayerNorm without bias,
+   up-GELU-down MLP, tied head; HF models/mpt/modeling_mpt.py, and MPT-1B's MosaicGPT with QK LayerNorm). GQA, RoPE (rotate-half convention, as HF), a
+   preallocated KV cache and `generate()` (greedy / temperature / top-p, beam search as transformers',
+   stop tokens, batched left-padded prompts).
 3. Loading: `from_pretrained(name_or_path)` for both, from a hub repo id or a local folder, single or
    sharded safetensors, through explicit HF-name -> our-name maps. Every key is consumed and every
    shape checked, or one error names all missing / unexpected / mismatched keys and the files.
@@ -22,6 +27,7 @@ plug in; empty ModuleLists add no parameters, no state-dict keys and no cost.
 """
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +40,14 @@ from torch.utils.checkpoint import checkpoint
 # -----------------------------------------------------------------------------
 # Configs. Plain dataclasses; `from_hf` reads a Hugging Face config.json dict.
 
-VIT_TYPES = ('clip', 'clip_vision_model', 'dinov2', 'siglip', 'siglip_vision_model')
-LM_TYPES = ('llama', 'mistral', 'qwen2', 'gemma')
+VIT_TYPES = ('clip', 'clip_vision_model', 'dinov2', 'siglip', 'siglip_vision_model', 'blip_2_vision_model',
+             'instructblip_vision_model')
+LM_TYPES = ('llama', 'mistral', 'qwen2', 'gemma', 'mpt', 'mosaic_gpt')
 
 
 @dataclass
 class ViTConfig:
-    kind: str = 'clip'              # 'clip' | 'dinov2' | 'siglip'
+    kind: str = 'clip'              # 'clip' | 'dinov2' | 'siglip' | 'eva' (BLIP-2 / InstructBLIP's EVA ViT-g)
     image_size: int = 224
     patch_size: int = 14
     dim: int = 1024
@@ -58,7 +65,8 @@ class ViTConfig:
     def from_hf(d):
         """HF config.json dict -> ViTConfig. Accepts full CLIP/SigLIP configs (uses vision_config)
         and VLM configs that nest one (llava's vision_config)."""
-        if 'vision_config' in d and d.get('model_type') not in ('clip_vision_model', 'siglip_vision_model'):
+        if 'vision_config' in d and d.get('model_type') not in ('clip_vision_model', 'siglip_vision_model',
+                                                                'blip_2_vision_model', 'instructblip_vision_model'):
             d = d['vision_config']
         t = d.get('model_type')
         if t not in VIT_TYPES:
@@ -70,6 +78,14 @@ class ViTConfig:
                              n_heads=d.get('num_attention_heads', 12), mlp_dim=d.get('intermediate_size', 3072),
                              norm_eps=d.get('layer_norm_eps', 1e-5), act=_act_name(act),
                              cls_token=True, pre_norm=True, patch_bias=False, layer_scale=False)
+        if t in ('blip_2_vision_model', 'instructblip_vision_model'):
+            if not d.get('qkv_bias', True):
+                raise ValueError(f"{t} with qkv_bias=false is not supported (every public BLIP-2 / InstructBLIP has it)")
+            return ViTConfig(kind='eva', image_size=d.get('image_size', 224), patch_size=d.get('patch_size', 14),
+                             dim=d.get('hidden_size', 1408), n_layers=d.get('num_hidden_layers', 39),
+                             n_heads=d.get('num_attention_heads', 16), mlp_dim=d.get('intermediate_size', 6144),
+                             norm_eps=d.get('layer_norm_eps', 1e-6), act=_act_name(d.get('hidden_act', 'gelu')),
+                             cls_token=True, pre_norm=False, patch_bias=True, layer_scale=False)
         if t == 'dinov2':
             if d.get('use_swiglu_ffn'):
                 raise ValueError("DINOv2 with use_swiglu_ffn (ViT-g) is not supported")
@@ -105,6 +121,14 @@ class LMConfig:
     embed_scale: bool = False       # Gemma multiplies the embeddings by sqrt(dim)
     norm_plus_one: bool = False     # Gemma's RMSNorm scales by (1 + w)
     sliding_window: int = 0         # Mistral v0.1: a key is visible iff 0 <= q - k < window; 0 = off
+    alibi: bool = False             # MPT: ALiBi biases instead of RoPE
+    alibi_bias_max: float = 8.0     # MPT: slopes 2^(-alibi_bias_max * h / n_heads)
+    norm: str = 'rms'               # 'rms' | 'layernorm' (MPT: LayerNorm without bias)
+    gated_mlp: bool = True          # False: MPT's up -> GELU -> down
+    qk_norm: bool = False           # MPT-1B (MosaicGPT attn_qk_ln): LayerNorm on q and k over the full width
+    clip_qkv: float = 0.0           # MPT attn_config.clip_qkv: clamp q, k, v to +-clip; 0 = off
+    attn_scale: float = 0.0         # MPT attn_config.softmax_scale; 0 = 1 / sqrt(head_dim)
+    layout: str = 'llama'           # checkpoint key names: 'llama' (LLaMA family) | 'mpt' (HF Mpt) | 'mosaic_gpt'
     bos_id: int = 1
     eos_id: int = 2
 
@@ -116,6 +140,8 @@ class LMConfig:
         t = d.get('model_type')
         if t not in LM_TYPES:
             raise ValueError(f"unknown language model_type {t!r}; supported: {', '.join(LM_TYPES)}")
+        if t in ('mpt', 'mosaic_gpt'):
+            return LMConfig.from_mpt(d)
         rope = d.get('rope_parameters') or d.get('rope_scaling') or {}  # transformers >= 5 | hub checkpoints
         rtype = rope.get('rope_type', rope.get('type', 'default'))
         if rtype != 'default':
@@ -143,6 +169,29 @@ class LMConfig:
             tie_embeddings=bool(d.get('tie_word_embeddings', gemma)), embed_scale=gemma, norm_plus_one=gemma,
             sliding_window=window, bos_id=d.get('bos_token_id', 1) or 0,
             eos_id=eos[0] if isinstance(eos, list) else (eos if eos is not None else 2))
+
+
+    @staticmethod
+    def from_mpt(d):
+        """MPT (transformers' MptConfig: attn_config dict) and MPT-1B's older MosaicGPT config (attn_* keys at the top
+        level, as mosaicml/mpt-1b-redpajama-200b): no biases, LayerNorm without bias, ALiBi, tied head."""
+        a = d.get('attn_config') or {}
+        get = (lambda k, default: a.get(k, default)) if d['model_type'] == 'mpt' else \
+            (lambda k, default: d.get('attn_' + k, d.get(k, default)) if k not in ('alibi', 'alibi_bias_max') else d.get(k, default))
+        if not d.get('no_bias', True):
+            raise ValueError("MPT with no_bias=false (biases on every Linear and LayerNorm) is not supported")
+        if not get('alibi', d['model_type'] == 'mosaic_gpt'):
+            raise ValueError("MPT without ALiBi (learned position embeddings) is not supported")
+        if d.get('logit_scale') or get('prefix_lm', False) or get('attn_uses_sequence_id', False):
+            raise ValueError("MPT with logit_scale / prefix_lm / attn_uses_sequence_id is not supported")
+        dim, nh = d['d_model'], d['n_heads']
+        return LMConfig(vocab_size=d['vocab_size'], dim=dim, n_layers=d['n_layers'], n_heads=nh, n_kv_heads=nh,
+                        head_dim=dim // nh, ffn_dim=int(dim * d.get('expansion_ratio', d.get('mlp_ratio', 4))),
+                        norm_eps=d.get('layer_norm_epsilon', 1e-5), max_seq_len=d.get('max_seq_len', 2048), act='gelu',
+                        tie_embeddings=True, alibi=True, alibi_bias_max=float(get('alibi_bias_max', 8)), norm='layernorm',
+                        gated_mlp=False, qk_norm=bool(get('qk_ln', False)), clip_qkv=float(get('clip_qkv', None) or 0),
+                        attn_scale=float(get('softmax_scale', None) or 0), layout=d['model_type'], bos_id=d.get('bos_token_id') or 0,
+                        eos_id=d.get('eos_token_id') if d.get('eos_token_id') is not None else 0)
 
 
 def _act_name(hf_name):
@@ -287,7 +336,8 @@ class ViT(nn.Module):
 # buffers that HF saves but that carry nothing we compute with
 VIT_IGNORE = ('text_model.', 'visual_projection.', 'text_projection', 'logit_scale', 'logit_bias', 'head.',
               'embeddings.mask_token', 'position_ids', 'language_model.', 'model.language_model.', 'lm_head.',
-              'multi_modal_projector.', 'model.multi_modal_projector.')
+              'multi_modal_projector.', 'model.multi_modal_projector.', 'qformer.', 'query_tokens',
+              'language_projection.')
 
 
 def vit_key_map(cfg: ViTConfig):
@@ -309,6 +359,16 @@ def vit_key_map(cfg: ViTConfig):
                'attention.attention.value': 'v', 'attention.output.dense': 'o', 'norm2': 'norm2',
                'mlp.fc1': 'fc1', 'mlp.fc2': 'fc2'}
         layers = 'encoder.layer'
+    elif cfg.kind == 'eva':  # HF Blip2VisionModel / InstructBlipVisionModel (EVA ViT-g, Fang et al. 2023)
+        m.update({'embeddings.class_embedding': 'cls', 'embeddings.patch_embedding.weight': 'patch.weight',
+                  'embeddings.patch_embedding.bias': 'patch.bias', 'embeddings.position_embedding': 'pos',
+                  'post_layernorm.weight': 'norm.weight', 'post_layernorm.bias': 'norm.bias'})
+        blk = {'layer_norm1': 'norm1', 'self_attn.projection': 'o', 'layer_norm2': 'norm2', 'mlp.fc1': 'fc1',
+               'mlp.fc2': 'fc2'}
+        layers = 'encoder.layers'
+        for i in range(cfg.n_layers):  # one fused qkv; its bias is (q_bias, 0, v_bias), loaded as it is stored
+            for p in ('weight', 'bias'):
+                m[f'{layers}.{i}.self_attn.qkv.{p}'] = tuple(f'blocks.{i}.{x}.{p}' for x in 'qkv')
     else:  # siglip
         m.update({'embeddings.patch_embedding.weight': 'patch.weight', 'embeddings.patch_embedding.bias': 'patch.bias',
                   'embeddings.position_embedding.weight': 'pos',
@@ -383,6 +443,11 @@ class KVCache:
         self.pos = 0
         self.max_len = max_len
 
+    def reorder(self, rows):
+        """Keep batch rows `rows` (n,) of every layer, in that order (beam search: each beam continues its parent)."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+
     def update(self, layer, k, v):
         """Write k, v (B, n_kv, T, hd) at [pos, pos + T) and return the filled prefix."""
         T = k.shape[2]
@@ -404,45 +469,74 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.v = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=cfg.o_bias)
+        if cfg.qk_norm:  # MosaicGPT's q_ln / k_ln, over the whole width before the head split
+            self.q_norm, self.k_norm = make_norm(cfg, cfg.n_heads * hd), make_norm(cfg, cfg.n_kv_heads * hd)
 
     def forward(self, x, ctx: Ctx):
         B, T, _ = x.shape
-        hd = self.cfg.head_dim
-        q = self.q(x).view(B, T, self.cfg.n_heads, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k(x).view(B, T, self.cfg.n_kv_heads, hd).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v(x).view(B, T, self.cfg.n_kv_heads, hd).transpose(1, 2)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        hd, c = self.cfg.head_dim, self.cfg.clip_qkv
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if c:  # MPT clamps the fused Wqkv output
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.cfg.n_heads, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.cfg.n_kv_heads, hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.cfg.n_kv_heads, hd).transpose(1, 2)
+        if ctx.cos is not None:  # RoPE; ALiBi (MPT) is in ctx.mask instead
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v)  # (B, n_kv, S, hd), S = cached + T
         y = self.attend(q, k, v, ctx)  # (B, nh, T, hd)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
     def attend(self, q, k, v, ctx: Ctx):
+        scale = self.cfg.attn_scale or None
         if ctx.mask is None:  # plain causal over T == S, or a single query that may see every key
-            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True, scale=scale)
 
 
 class MLP(nn.Module):
-    """Gated MLP: down(act(gate(x)) * up(x)). SwiGLU (Shazeer 2020) for LLaMA, GeGLU for Gemma."""
+    """Gated MLP: down(act(gate(x)) * up(x)). SwiGLU (Shazeer 2020) for LLaMA, GeGLU for Gemma. MPT's is not gated:
+    down(GELU(up(x)))."""
 
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.act = cfg.act
-        self.gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False) if cfg.gated_mlp else None
         self.up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x):
+        if self.gate is None:
+            return self.down(act_fn(self.act, self.up(x)))
         return self.down(act_fn(self.act, self.gate(x)) * self.up(x))
+
+
+def make_norm(cfg: LMConfig, dim=None):
+    """RMSNorm (LLaMA family), or MPT's LayerNorm without bias."""
+    if cfg.norm == 'layernorm':
+        return nn.LayerNorm(dim or cfg.dim, eps=cfg.norm_eps, bias=False)
+    return RMSNorm(dim or cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+
+
+def alibi_slopes(n_heads, bias_max=8.0):
+    """ALiBi (Press et al. 2022) slopes (n_heads,) as MPT: 2^(-bias_max * i / n) for i = 1..n with n the next power
+    of two; for other head counts the odd-indexed then the even-indexed slopes of that n, first n_heads of them."""
+    n = 2 ** math.ceil(math.log2(n_heads))
+    slopes = 1.0 / 2 ** (torch.arange(1, n + 1).float() * (bias_max / n))
+    if n != n_heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:n_heads]
+    return slopes
 
 
 class Block(nn.Module):
     def __init__(self, cfg: LMConfig, layer_idx):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+        self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer_idx)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+        self.ffn_norm = make_norm(cfg)
         self.ffn = MLP(cfg)
         # seams for fusion methods (fusion.py); empty by default
         self.pre = nn.ModuleList()       # x <- f(x, ctx) before the layer (Flamingo gated cross-attention)
@@ -470,7 +564,7 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.grad_checkpoint = False  # recompute each block's activations in the backward (train.py's key)
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+        self.norm = make_norm(cfg)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def embed_tokens(self, idx):
@@ -492,9 +586,11 @@ class Decoder(nn.Module):
         start = cache.pos if cache is not None else 0
         if pos is None:
             pos = torch.arange(start, start + T, device=x.device).expand(B, T)
-        cos, sin = rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        ctx = Ctx(cos=cos, sin=sin, mask=self.attn_mask(B, T, start, pad_mask, x.device), cache=cache,
-                  media=media if media is not None else {})
+        cos, sin = (None, None) if self.cfg.alibi else rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        mask = self.attn_mask(B, T, start, pad_mask, x.device)
+        if self.cfg.alibi:
+            mask = self.alibi_bias(mask, B, T, start, x.dtype, x.device)
+        ctx = Ctx(cos=cos, sin=sin, mask=mask, cache=cache, media=media if media is not None else {})
         for blk in self.blocks:
             x = run_block(blk, x, ctx, recompute=self.grad_checkpoint)
         if cache is not None:
@@ -518,6 +614,18 @@ class Decoder(nn.Module):
             m = m & pad_mask[:, None, None, :S].bool()
             m = m | (ki == qi)  # a padding query sees itself, so its softmax row is never empty
         return m
+
+    def alibi_bias(self, mask, B, T, start, dtype, device):
+        """MPT's attention bias: slope_h * (k - q) on cache indices, -inf where `mask` forbids (B or 1, nh, T, S).
+        MPT adds slope_h * (k - (S - 1)); the two differ by a constant per query row, which softmax ignores."""
+        S = start + T
+        qi = torch.arange(start, S, device=device)[:, None]  # (T, 1)
+        ki = torch.arange(S, device=device)[None, :]  # (1, S)
+        slopes = alibi_slopes(self.cfg.n_heads, self.cfg.alibi_bias_max).to(device)
+        bias = (slopes[:, None, None] * (ki - qi)).to(dtype)[None]  # (1, nh, T, S)
+        if mask is None:
+            mask = (ki <= qi)[None, None]  # (1, 1, T, S)
+        return bias.masked_fill(~mask, float('-inf'))
 
     @staticmethod
     def from_pretrained(name_or_path, dtype=torch.float32, device='cpu'):
@@ -567,9 +675,101 @@ class Decoder(nn.Module):
             h = self(tok[:, None], pos=nxt_pos, pad_mask=use_mask, cache=cache, media=media)[:, -1]
             nxt_pos = nxt_pos + 1
 
-    def generate(self, idx, **kw):
-        """(B, T_new) new tokens; rows that stopped early are filled with their stop token."""
+    def generate(self, idx, *, num_beams=1, length_penalty=1.0, early_stopping=False, **kw):
+        """(B, T_new) new tokens; rows that stopped early are filled with their stop token. num_beams > 1: beam
+        search (see beam_search), otherwise greedy / sampled (see stream)."""
+        if num_beams > 1:
+            return self.beam_search(idx, num_beams=num_beams, length_penalty=length_penalty,
+                                    early_stopping=early_stopping, **kw)
         return torch.stack(list(self.stream(idx, **kw)), dim=1)
+
+    @torch.inference_mode()
+    def beam_search(self, idx, *, num_beams, length_penalty=1.0, early_stopping=False, pad_mask=None, embeds=None,
+                    media=None, max_new_tokens=64, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
+                    all_done=None):
+        """Beam search as transformers' GenerationMixin._beam_search (generation/utils.py, the vectorised one):
+        per row the best of `num_beams` hypotheses by sum log p / len^length_penalty (len = new tokens, the stop
+        token included). Each step keeps the top 2K (K (1 + n_stop) with more stop ids) continuations of all beams;
+        those among the top K that end in a stop token (or reach max_new_tokens) become finished hypotheses, the
+        best K others run on. early_stopping: False (HF's default: stop a row when its best running beam, scored at
+        the current length, cannot beat its worst finished one), True (stop once K hypotheses are finished) or
+        'never' (with length_penalty > 0, score the best running beam at the maximal length). Arguments as stream;
+        media tensors are per row (B, ...) and are repeated for the beams. Returns (B, T_new), padded with the
+        first stop id after a row's stop token."""
+        if temperature > 0:
+            raise ValueError("beam search is deterministic here: temperature must be 0 (no beam sampling)")
+        B, T = idx.shape
+        K = num_beams
+        if T + max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
+                             f"length {self.cfg.max_seq_len}")
+        device = idx.device
+
+        def beams(t):  # (B, ...) -> (B*K, ...): row b's beams at b*K .. b*K + K - 1, as HF's expand
+            return t.repeat_interleave(K, dim=0) if torch.is_tensor(t) and t.dim() and t.shape[0] == B else t
+        idx, embeds = beams(idx), None if embeds is None else beams(embeds)
+        media = {k: beams(v) for k, v in (media or {}).items()}
+        dtype = (embeds if embeds is not None else self.embed.weight).dtype
+        cache = KVCache(self.cfg, B * K, T + max_new_tokens, dtype, device)
+        mask = torch.ones(B * K, T + max_new_tokens, dtype=torch.bool, device=device)
+        if pad_mask is not None:
+            mask[:, :T] = beams(pad_mask.bool())
+        pos = (mask[:, :T].long().cumsum(-1) - 1).clamp(min=0)  # as stream: positions count real tokens only
+        use_mask = mask if pad_mask is not None and not bool(pad_mask.all()) else None
+        stop = torch.tensor(list(stop_ids) or [-1], device=device)
+        fill = int(stop[0]) if stop_ids else 0
+        keep = max(2, 1 + len(stop_ids)) * K  # candidates per row: enough that K survive K stopping
+        top_k_mask = torch.arange(keep, device=device) < K  # only the K best candidates may finish
+        NEG = -1.0e9
+        run_tok = torch.full((B, K, max_new_tokens), fill, dtype=torch.long, device=device)
+        run_score = torch.zeros(B, K, device=device)
+        run_score[:, 1:] = NEG  # all beams start equal: only the first one may expand at step 0
+        fin_tok, fin_score = run_tok.clone(), torch.full((B, K), NEG, device=device)
+        fin_len = torch.zeros(B, K, dtype=torch.long, device=device)
+        fin_done = torch.zeros(B, K, dtype=torch.bool, device=device)
+        improvable = torch.ones(B, 1, dtype=torch.bool, device=device)  # HF's is_early_stop_heuristic_unsatisfied
+        h = self(idx, embeds=embeds, pos=pos, pad_mask=use_mask, cache=cache, media=media)[:, -1]
+        nxt_pos = pos[:, -1:] + 1
+        rows = torch.arange(B, device=device)[:, None] * K  # (B, 1) first flat beam of each row
+        for t in range(max_new_tokens):
+            logp = torch.log_softmax(self.logits(h).float(), dim=-1)  # (B*K, V)
+            V = logp.shape[-1]
+            logp = (logp.view(B, K, V) + run_score[..., None]).view(B, K * V)
+            top_lp, top_i = logp.topk(keep, dim=-1)  # (B, keep)
+            parent, tok = top_i // V, top_i % V
+            cand = torch.take_along_dim(run_tok, parent[..., None], dim=1)  # (B, keep, max_new)
+            cand[:, :, t] = tok
+            hit = torch.isin(tok, stop) | (t + 1 == max_new_tokens)  # (B, keep) a stop token, or the length limit
+            # the K best candidates that did not stop run on
+            run_lp = top_lp + hit.float() * NEG
+            best = run_lp.topk(K, dim=-1).indices  # (B, K)
+            run_tok, run_score = torch.take_along_dim(cand, best[..., None], 1), torch.take_along_dim(run_lp, best, 1)
+            run_parent = torch.take_along_dim(parent, best, 1)
+            # stopped candidates among the top K join the finished hypotheses if they beat the worst kept one
+            just = hit & top_k_mask
+            f = top_lp / ((t + 1) ** length_penalty)
+            f = f + (fin_done.all(-1, keepdim=True) & (early_stopping is True)).float() * NEG
+            f = f + (~improvable).float() * NEG
+            f = f + (~just).float() * NEG
+            m_tok, m_score = torch.cat([fin_tok, cand], 1), torch.cat([fin_score, f], 1)
+            m_len = torch.cat([fin_len, torch.full_like(tok, t + 1)], 1)
+            m_done = torch.cat([fin_done, just], 1)
+            sel = m_score.topk(K, dim=-1).indices  # (B, K)
+            fin_tok, fin_score = torch.take_along_dim(m_tok, sel[..., None], 1), torch.take_along_dim(m_score, sel, 1)
+            fin_len, fin_done = torch.take_along_dim(m_len, sel, 1), torch.take_along_dim(m_done, sel, 1)
+            # can a running beam still beat the worst finished one?
+            n = max_new_tokens if early_stopping == 'never' and length_penalty > 0 else t + 1
+            best_running = run_score[:, :1] / (n ** length_penalty)  # (B, 1)
+            worst = torch.where(fin_done, fin_score.min(-1, keepdim=True).values, NEG)  # (B, K)
+            improvable = improvable & (best_running > worst).any(-1, keepdim=True)
+            over = not bool(improvable.any()) or (bool(fin_done.all()) and early_stopping is True) or bool(hit.all())
+            if all_done(torch.tensor([over], device=device)) if all_done is not None else over:  # FSDP: every rank
+                break
+            cache.reorder((run_parent + rows).flatten())  # each running beam continues its parent's cache
+            h = self(run_tok[:, :, t].reshape(B * K, 1), pos=nxt_pos, pad_mask=use_mask, cache=cache,
+                     media=media)[:, -1]
+            nxt_pos = nxt_pos + 1
+        return fin_tok[:, 0, :int(fin_len[:, 0].max())]  # (B, T_new) the best hypothesis of each row
 
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
@@ -591,7 +791,9 @@ LM_IGNORE = ('rotary_emb.inv_freq', 'vision_tower.', 'model.vision_tower.', 'vis
 
 
 def lm_key_map(cfg: LMConfig):
-    """HF name -> our name for LLaMA / Mistral / Qwen2 / Gemma checkpoints."""
+    """HF name -> our name for LLaMA / Mistral / Qwen2 / Gemma checkpoints (MPT: mpt_key_map)."""
+    if cfg.layout != 'llama':
+        return mpt_key_map(cfg)
     m = {'model.embed_tokens.weight': 'embed.weight', 'model.norm.weight': 'norm.weight'}
     if not cfg.tie_embeddings:
         m['lm_head.weight'] = 'head.weight'
@@ -607,6 +809,24 @@ def lm_key_map(cfg: LMConfig):
     for i in range(cfg.n_layers):
         for hf, ours in blk.items():
             m[f'model.layers.{i}.{hf}'] = f'blocks.{i}.{ours}'
+    return m
+
+
+def mpt_key_map(cfg: LMConfig):
+    """HF name -> ours for MPT: transformers' MptForCausalLM names ('mpt'), or MosaicGPT's ('mosaic_gpt': MosaicML
+    examples' gpt_blocks.py GPTBlock ln_1 / attn / ln_2 / mlp.mlp_up / mlp_down, transformer.ln_f). The fused Wqkv
+    maps to a tuple: load_weights splits it into equal q, k, v rows. The head is tied to transformer.wte."""
+    mos = cfg.layout == 'mosaic_gpt'
+    m = {'transformer.wte.weight': 'embed.weight', f'transformer.{"ln_f" if mos else "norm_f"}.weight': 'norm.weight'}
+    names = ('ln_1', 'ln_2', 'mlp.mlp_up', 'mlp.mlp_down') if mos else ('norm_1', 'norm_2', 'ffn.up_proj', 'ffn.down_proj')
+    for i in range(cfg.n_layers):
+        hf, ours = f'transformer.blocks.{i}.', f'blocks.{i}.'
+        m[hf + 'attn.Wqkv.weight'] = tuple(ours + f'attn.{p}.weight' for p in 'qkv')
+        m.update({hf + 'attn.out_proj.weight': ours + 'attn.o.weight', hf + f'{names[0]}.weight': ours + 'attn_norm.weight',
+                  hf + f'{names[1]}.weight': ours + 'ffn_norm.weight', hf + f'{names[2]}.weight': ours + 'ffn.up.weight',
+                  hf + f'{names[3]}.weight': ours + 'ffn.down.weight'})
+        if cfg.qk_norm:
+            m.update({hf + 'attn.q_ln.weight': ours + 'attn.q_norm.weight', hf + 'attn.k_ln.weight': ours + 'attn.k_norm.weight'})
     return m
 
 # -----------------------------------------------------------------------------
@@ -721,7 +941,9 @@ def load_weights(model, folder, key_map, *, dtype=torch.float32, device='cpu', r
     from safetensors import safe_open
     files = safetensors_files(folder)
     params = dict(model.named_parameters())
-    assert set(key_map.values()) == set(params), f"key map and model disagree: {set(key_map.values()) ^ set(params)}"
+    ours_of = {hf: v if isinstance(v, tuple) else (v,) for hf, v in key_map.items()}  # a tuple: a fused tensor's parts
+    mapped = {o for v in ours_of.values() for o in v}
+    assert mapped == set(params), f"key map and model disagree: {mapped ^ set(params)}"
     handles = [safe_open(str(p), framework='pt', device='cpu') for p in files]
     keys = [(h, k) for h in handles for k in h.keys()]
     renames = [r if isinstance(r, tuple) else (r, '') for r in renames]
@@ -736,18 +958,21 @@ def load_weights(model, folder, key_map, *, dtype=torch.float32, device='cpu', r
             if not any(x.startswith(i) or x.endswith(i) for i in ignore for x in (k, key)):
                 unexpected.append(key)
             continue
-        ours = key_map[k]
+        parts = ours_of[k]
         t = h.get_tensor(key)
-        if ours == 'cls' and t.dim() == 1:  # CLIP stores its class embedding as (D,)
+        if parts == ('cls',) and t.dim() == 1:  # CLIP stores its class embedding as (D,)
             t = t.view(1, 1, -1)
-        if ours == 'pos' and t.dim() == 2:  # an nn.Embedding weight (N, D) -> (1, N, D)
+        if parts == ('pos',) and t.dim() == 2:  # an nn.Embedding weight (N, D) -> (1, N, D)
             t = t.unsqueeze(0)
-        if t.shape != params[ours].shape:
-            mismatched[ours] = f"{key}: checkpoint {tuple(t.shape)} vs model {tuple(params[ours].shape)}"
+        want = torch.Size([sum(params[o].shape[0] for o in parts), *params[parts[0]].shape[1:]])  # fused along dim 0
+        if t.shape != want:
+            mismatched[k] = f"{key}: checkpoint {tuple(t.shape)} vs model {tuple(want)}"
             continue
-        state[ours] = t.to(device=device, dtype=dtype)
-    inverse = {ours: hf for hf, ours in key_map.items()}
-    missing = [rename(inverse[p], new, old) for p in params if p not in state and p not in mismatched]  # as named on disk
+        for o, piece in zip(parts, t.split([params[o].shape[0] for o in parts])):
+            state[o] = piece.to(device=device, dtype=dtype)
+    inverse = {o: hf for hf, v in ours_of.items() for o in v}
+    missing = list(dict.fromkeys(rename(inverse[p], new, old) for p in params  # as named on disk, once per fused key
+                                 if p not in state and inverse[p] not in mismatched))
     if missing or unexpected or mismatched:
         msg = [f"checkpoint {folder} ({', '.join(f.name for f in files)}) does not match {type(model).__name__}:"]
         for name, ks in (('missing', missing), ('unexpected', unexpected), ('wrong shape', list(mismatched.values()))):
@@ -847,12 +1072,18 @@ class VLM(nn.Module):
 
     @torch.inference_mode()
     def generate(self, ids, *, pad_mask=None, pixels=None, feats=None, has_image=None, **kw):
-        """Greedy / sampled continuation of left-padded prompts (B, T) with their images; see Decoder.stream."""
-        return torch.stack(list(self.stream(ids, pad_mask=pad_mask, pixels=pixels, feats=feats,
-                                            has_image=has_image, **kw)), dim=1)
+        """Greedy / sampled / beam-searched (num_beams > 1) continuation of left-padded prompts (B, T) with their
+        images; see Decoder.generate."""
+        ids, x, media, pad_mask = self.prompt(ids, pad_mask, pixels, feats, has_image)
+        return self.lm.generate(ids, embeds=x, media=media, pad_mask=pad_mask, **kw)
 
     @torch.inference_mode()
     def stream(self, ids, *, pad_mask=None, pixels=None, feats=None, has_image=None, **kw):
+        ids, x, media, pad_mask = self.prompt(ids, pad_mask, pixels, feats, has_image)
+        yield from self.lm.stream(ids, embeds=x, media=media, pad_mask=pad_mask, **kw)
+
+    def prompt(self, ids, pad_mask, pixels, feats, has_image):
+        """The prompt's ids, embeddings, media and pad mask as the decoder generates from them."""
         if feats is None and pixels is not None:
             feats = self.image_features(pixels)
         x, media = self.embed(ids, feats, has_image)
@@ -860,4 +1091,4 @@ class VLM(nn.Module):
         if P:  # the prefix goes before the left padding, and is never padding itself
             ids = F.pad(ids, (P, 0))
             pad_mask = None if pad_mask is None else F.pad(pad_mask.bool(), (P, 0), value=True)
-        yield from self.lm.stream(ids, embeds=x, media=media, pad_mask=pad_mask, **kw)
+        return ids, x, media, pad_mask

@@ -112,6 +112,7 @@ max_len = 512
 max_new_tokens = 10
 temperature = 0.0            # final evaluation: 0 = greedy, else sampling with nucleus top_p
 top_p = 1.0
+num_beams = 1                # final evaluation: > 1 = beam search (model.py; PETAL 5, OpenFlamingo 3), greedy otherwise
 # optimization
 batch_size = 16              # per process and micro-step: what fits in memory
 global_batch = 0             # samples per optimizer step over all processes (0 = batch_size x processes); the
@@ -615,7 +616,7 @@ if final_eval:
     samples = eval_samples[:eval_limit] if eval_limit else eval_samples
     result = evaluate.run(raw_model, samples, io, task=dataset, features=image_inputs, batch_size=batch_size * 4,
                           max_new_tokens=max_new_tokens, autocast=autocast, rank=rank, world=world, device=device,
-                          dtype=ptdtype, temperature=temperature, top_p=top_p)
+                          dtype=ptdtype, temperature=temperature, top_p=top_p, num_beams=num_beams)
     if master:
         evaluate.print_table(result)
         with open(os.path.join(out_dir, f'eval_{eval_split}.json'), 'w') as f:

@@ -275,6 +275,25 @@ def test_kv_cache_generation_equals_full_forward_two_images():
         assert not torch.allclose(changed[1:], logits[T:-1], atol=1e-4)
         assert rel_err(changed, model(full, feats=other, has_image=has[b:b + 1])[0, T - 1:-1]) < 1e-5
 
+
+@torch.no_grad()
+def test_beam_search_through_the_vlm_repeats_media_per_beam():
+    """OpenFlamingo evaluates with 3 beams: the media (latents, image index) are repeated for each row's beams,
+    so a left-padded batch gives each row's result alone, and one beam is greedy."""
+    model = open_gates(small_vlm(every=2))
+    prompts = [[3, I, 4, 5, 6, I, 7, 8], [3, I, 9, I, 10]]
+    feats = feats_for(model, 2, 2)
+    has = torch.ones(2, 2, dtype=torch.bool)
+    ids, mask = data.left_pad(prompts, pad_id=0)
+    got = model.generate(ids, pad_mask=mask, feats=feats, has_image=has, max_new_tokens=6, num_beams=3)
+    for b, prompt in enumerate(prompts):
+        alone = model.generate(torch.tensor([prompt]), feats=feats[b:b + 1], has_image=has[b:b + 1],
+                               max_new_tokens=6, num_beams=3)
+        assert alone.tolist()[0] == got[b].tolist()
+    greedy = model.generate(ids, pad_mask=mask, feats=feats, has_image=has, max_new_tokens=6)
+    assert model.generate(ids, pad_mask=mask, feats=feats, has_image=has, max_new_tokens=6,
+                          num_beams=1).tolist() == greedy.tolist()
+
 # -----------------------------------------------------------------------------
 # data: OpenFlamingo's text, labels, several images per sample
 
@@ -423,3 +442,34 @@ def test_flamingo_coco_config_takes_two_steps_with_a_two_image_sample(tiny, pict
     assert blk.attn_gate.item() != 0.0 and blk.ff_gate.item() != 0.0
     result = json.load(open(tmp_path / 'out' / 'eval_test.json'))
     assert result['n'] == 2 and result['task'] == 'interleaved'
+
+
+def test_openflamingo3b_config_takes_two_steps_with_a_tiny_mpt(tiny, pictures, tmp_path, monkeypatch):
+    """config/openflamingo3b_coco.py with tiny stand-ins for ViT-L/14 and MPT-1B (a random 2-layer transformers MPT
+    with the tiny byte-level tokenizer): a gated block before every layer, two steps, a beam-3 evaluation."""
+    import shutil
+    import transformers as T
+    lm = tmp_path / 'mpt'
+    vocab = json.load(open(f"{tiny['lm']}/config.json"))['vocab_size']
+    T.MptForCausalLM(T.MptConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=256, vocab_size=vocab,
+                                 eos_token_id=2, bos_token_id=1)).save_pretrained(lm)
+    for f in ('tokenizer.json', 'tokenizer_config.json'):
+        shutil.copy(f"{tiny['lm']}/{f}", lm / f)
+    root = tmp_path / 'data'
+    root.mkdir()
+    for i, p in enumerate(pictures):
+        (root / f'{i}.png').write_bytes(open(p, 'rb').read())
+    entries = [{'id': k, 'images': [f'{i}.png'], 'text': f'<image>a {c}<|endofchunk|>'}
+               for k, i, c in (('a', 0, 'red circle'), ('b', 1, 'blue square'), ('c', 2, 'green circle'))]
+    monkeypatch.setattr(sys, 'argv', [
+        'train.py', str(ROOT / 'config' / 'openflamingo3b_coco.py'), f'--init_vision={tiny["clip"]}',
+        f'--init_lm={lm}', '--dataset=interleaved', f'--data_root={write_interleaved(root, entries)}',
+        f'--out_dir={tmp_path / "out"}', '--max_iters=2', '--batch_size=2', '--dtype=float32', '--eval_iters=1',
+        '--eval_limit=2', '--device=cpu', '--log_interval=1', '--max_new_tokens=4'])
+    out = runpy.run_path(str(ROOT / 'train.py'), run_name='__main__')
+    assert out['step'] == 2 and out['flamingo_every'] == 1 and out['num_beams'] == 3
+    model = out['raw_model']
+    assert model.lm.cfg.alibi and all(len(b.pre) == 1 for b in model.lm.blocks)  # a gated block before each layer
+    losses = [r['loss'] for r in map(json.loads, open(tmp_path / 'out' / 'log.jsonl')) if 'loss' in r]
+    assert len(losses) == 2 and all(l == l and l > 0 for l in losses)
+    assert json.load(open(tmp_path / 'out' / 'eval_test.json'))['n'] == 2

@@ -49,6 +49,81 @@ def blip2(tmp_path_factory):
     ours = load_blip2(QFormerFusion(lm_dim=64, **blip2_config(path)), path, projection=True).eval()
     return ref, path, ours
 
+
+def instructblip_cfg(vis_dim=48, dim=32, n_layers=4, n_queries=8, freq=2):
+    """A tiny InstructBlipConfig with a T5 language model (InstructBLIP FlanT5's shape)."""
+    vision = T.InstructBlipVisionConfig(hidden_size=vis_dim, intermediate_size=2 * vis_dim, num_hidden_layers=2,
+                                        num_attention_heads=4, image_size=32, patch_size=8)
+    qformer = T.InstructBlipQFormerConfig(hidden_size=dim, num_hidden_layers=n_layers, num_attention_heads=4,
+                                          intermediate_size=2 * dim, cross_attention_frequency=freq, vocab_size=99,
+                                          max_position_embeddings=40, encoder_hidden_size=vis_dim)
+    lm = T.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                    feed_forward_proj='gated-gelu', tie_word_embeddings=False)
+    return T.InstructBlipConfig(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                                text_config=lm.to_dict(), num_query_tokens=n_queries)
+
+
+@pytest.fixture(scope='module')
+def instructblip(tmp_path_factory):
+    """(HF InstructBlipForConditionalGeneration, its folder, our fusion loaded from it, projection included)."""
+    path = tmp_path_factory.mktemp('instructblip')
+    torch.manual_seed(0)
+    ref = randomize(T.InstructBlipForConditionalGeneration(instructblip_cfg())).eval()
+    ref.save_pretrained(path)
+    ours = load_blip2(QFormerFusion(lm_dim=64, **blip2_config(path)), path, projection=True).eval()
+    return ref, path, ours
+
+
+def instruction(B=3, L=7):
+    """Right-padded instruction ids in the Q-Former's vocabulary: rows of 7, 4 and 1 real tokens."""
+    ids = torch.randint(1, 99, (B, L))
+    mask = torch.arange(L)[None] < torch.tensor([L, 4, 1])[:B, None]
+    return ids.masked_fill(~mask, 0), mask
+
+
+def test_instructblip_qformer_parity_with_instruction_tokens(instructblip):
+    """The instruction enters beside the queries (word + position embeddings, the text FFN), with its padding
+    masked: the query outputs equal InstructBlipQFormerModel's."""
+    ref, _, ours = instructblip
+    img = torch.randn(3, 17, 48)
+    ids, mask = instruction()
+    q = ref.query_tokens.expand(3, -1, -1)
+    with torch.no_grad():
+        want = ref.qformer(input_ids=ids, attention_mask=torch.cat([torch.ones(3, 8, dtype=torch.long), mask.long()], 1),
+                           query_embeds=q, encoder_hidden_states=img).last_hidden_state[:, :8]
+        got = ours.qformer(img, ids, mask)
+        assert rel_err(got, want) < TOL
+        alone = ours.qformer(img[1:2], ids[1:2, :4])  # a padded row equals its unpadded self
+        assert rel_err(alone, got[1:2]) < TOL
+        assert rel_err(ours.qformer(img), got) > 10 * TOL  # the instruction changes the queries' outputs
+
+
+def test_instructblip_fusion_parity_with_image_features(instructblip):
+    """ln_vision -> instruction-aware Q-Former -> projection equals HF's get_image_features."""
+    ref, _, ours = instructblip
+    px = torch.randn(3, 3, 32, 32)
+    ids, mask = instruction()
+    with torch.no_grad():
+        want = ref.get_image_features(pixel_values=px, qformer_input_ids=ids, qformer_attention_mask=mask.long())
+        want = want.pooler_output if hasattr(want, 'pooler_output') else want
+        feats = ref.vision_model(pixel_values=px, output_hidden_states=True).hidden_states[-1]
+        got, _ = ours(feats, qformer_ids=ids, qformer_mask=mask)
+    assert rel_err(got, want) < TOL
+
+
+def test_instructblip_load_errors(instructblip, tmp_path):
+    _, path, _ = instructblip
+    with pytest.raises(ValueError, match=r'missing: qformer\.embeddings\.word_embeddings\.weight'):
+        from safetensors.torch import load_file, save_file
+        sd = load_file(path / 'model.safetensors')
+        sd.pop('qformer.embeddings.word_embeddings.weight')
+        (tmp_path / 'x').mkdir()
+        save_file(sd, tmp_path / 'x' / 'model.safetensors')
+        (tmp_path / 'x' / 'config.json').write_text((path / 'config.json').read_text())
+        load_blip2(QFormerFusion(lm_dim=64, **blip2_config(tmp_path / 'x')), tmp_path / 'x')
+    with pytest.raises(ValueError, match='no text embeddings'):
+        QFormerFusion(48, 64, dim=32, n_layers=2, n_heads=4, n_queries=8).qformer(torch.randn(1, 5, 48), torch.ones(1, 2).long())
+
 # -----------------------------------------------------------------------------
 # parity with transformers
 

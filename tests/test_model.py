@@ -25,10 +25,12 @@ def vit_cases():
                                                                   num_attention_heads=2, vocab_size=99))),
         'dinov2': (T.Dinov2Model, T.Dinov2Config(mlp_ratio=3, **small)),
         'siglip': (T.SiglipVisionModel, T.SiglipVisionConfig(intermediate_size=128, **small)),
+        'eva_blip2': (T.Blip2VisionModel, T.Blip2VisionConfig(intermediate_size=128, **small)),
+        'eva_instructblip': (T.InstructBlipVisionModel, T.InstructBlipVisionConfig(intermediate_size=128, **small)),
     }
 
 
-@pytest.mark.parametrize('name', ['clip', 'clip_full', 'dinov2', 'siglip'])
+@pytest.mark.parametrize('name', ['clip', 'clip_full', 'dinov2', 'siglip', 'eva_blip2', 'eva_instructblip'])
 @pytest.mark.parametrize('size', [32, 48])  # 48: a second image size through position interpolation
 def test_vit_parity(tmp_path, name, size):
     cls, cfg = vit_cases()[name]
@@ -251,3 +253,148 @@ def test_corrupt_checkpoint_names_the_file(tmp_path, content):
     with pytest.raises(ValueError, match=f"checkpoint {path} is (corrupt or )?not a checkpoint of this project") as e:
         model_py.load_checkpoint(path)
     assert 'weights_only=False' not in str(e.value) and e.value.__cause__ is None  # never a hint to unpickle it
+
+
+# -----------------------------------------------------------------------------
+# beam search vs transformers' generate(num_beams=...)
+
+def left_pad(rows, width):
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize('beams,penalty,early', [(3, 1.0, False), (5, 1.0, False), (3, 0.0, True), (4, 2.0, 'never'),
+                                                 (3, -1.0, False)])
+def test_beam_search_matches_hf(tmp_path, beams, penalty, early):
+    """Batched, left-padded, with a stop token that some hypotheses reach (the 2nd greedy token of row 0). Two
+    candidates whose scores lie within float32 noise (~1e-6) may rank either way in either implementation: these
+    prompts have none."""
+    ref, ours = save_lm(tmp_path, 'llama')
+    torch.manual_seed(1)
+    ids, mask = left_pad([torch.randint(3, 128, (n,)) for n in (6, 3, 5)], 6)
+    eos = int(ours.generate(ids, pad_mask=mask.bool(), max_new_tokens=3)[0, 1])
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, num_beams=beams,
+                        length_penalty=penalty, early_stopping=early, eos_token_id=eos, pad_token_id=eos)[:, 6:]
+    got = ours.generate(ids, pad_mask=mask.bool(), max_new_tokens=12, num_beams=beams, length_penalty=penalty,
+                        early_stopping=early, stop_ids=[eos])
+    assert got.tolist() == want.tolist()
+    assert (got == eos).any() or penalty > 1  # a best hypothesis stopped (length_penalty 2 favours long ones)
+
+
+@pytest.mark.parametrize('name', ['smollm2', 'gemma'])
+def test_beam_search_no_stop_matches_hf(tmp_path, name):
+    ref, ours = save_lm(tmp_path, name)
+    idx = torch.randint(3, 128, (2, 5))
+    want = ref.generate(idx, max_new_tokens=9, do_sample=False, num_beams=3, eos_token_id=None, pad_token_id=0)[:, 5:]
+    got = ours.generate(idx, max_new_tokens=9, num_beams=3)
+    assert got.tolist() == want.tolist()
+    # one row alone gives its batched result
+    assert ours.generate(idx[1:], max_new_tokens=9, num_beams=3).tolist() == got[1:].tolist()
+
+
+# -----------------------------------------------------------------------------
+# MPT (OpenFlamingo-3B's LM): ALiBi, LayerNorm without bias, no RoPE, tied head
+
+def save_mpt(tmp_path, n_heads=4, d_model=64, **attn):
+    cfg = T.MptConfig(d_model=d_model, n_heads=n_heads, n_layers=3, expansion_ratio=4, max_seq_len=64, vocab_size=128,
+                      attn_config={'alibi': True, 'alibi_bias_max': 8, **attn})
+    ref = randomize(T.MptForCausalLM(cfg), std=0.1).eval()
+    ref.save_pretrained(tmp_path)
+    return ref, Decoder.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize('n_heads,attn', [(4, {}), (6, {}), (4, {'clip_qkv': 0.3, 'softmax_scale': 0.2})])
+def test_mpt_logits_parity(tmp_path, n_heads, attn):
+    """6 heads: ALiBi slopes for a head count that is not a power of two."""
+    ref, ours = save_mpt(tmp_path, n_heads, 48 if n_heads == 6 else 64, **attn)
+    assert ours.cfg.alibi and ours.cfg.tie_embeddings and not ours.cfg.gated_mlp and ours.cfg.norm == 'layernorm'
+    idx = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert rel_err(ours.logits(ours(idx)), ref(idx).logits) < TOL
+
+
+def test_mpt_greedy_and_beam_generation_match_hf(tmp_path):
+    ref, ours = save_mpt(tmp_path)
+    ids, mask = left_pad([torch.randint(3, 128, (n,)) for n in (7, 4)], 7)
+    kw = dict(attention_mask=mask, do_sample=False, eos_token_id=None, pad_token_id=0)
+    want = ref.generate(ids, max_new_tokens=10, **kw)[:, 7:]
+    assert ours.generate(ids, pad_mask=mask.bool(), max_new_tokens=10).tolist() == want.tolist()
+    want = ref.generate(ids, max_new_tokens=8, num_beams=3, **kw)[:, 7:]
+    assert ours.generate(ids, pad_mask=mask.bool(), max_new_tokens=8, num_beams=3).tolist() == want.tolist()
+    with torch.no_grad():  # the KV cache equals the full forward
+        full = ours.logits(ours(ids[:1]))
+        cache = KVCache(ours.cfg, 1, 7, torch.float32, 'cpu')
+        steps = [ours.logits(ours(ids[:1, :3], cache=cache))] + [ours.logits(ours(ids[:1, t:t + 1], cache=cache))
+                                                                  for t in range(3, 7)]
+    assert rel_err(torch.cat(steps, 1), full) < TOL
+
+
+class QKLayerNorm(torch.nn.Module):
+    """MosaicGPT's attn_qk_ln on top of HF's fused Wqkv: LayerNorm (no bias) on the q and k thirds."""
+
+    def __init__(self, wqkv, d):
+        super().__init__()
+        self.wqkv = wqkv
+        self.q_ln, self.k_ln = (torch.nn.LayerNorm(d, bias=False) for _ in range(2))
+        with torch.no_grad():
+            self.q_ln.weight.normal_(1.0, 0.2)
+            self.k_ln.weight.normal_(1.0, 0.2)
+
+    def forward(self, x):
+        q, k, v = self.wqkv(x).chunk(3, dim=-1)
+        return torch.cat([self.q_ln(q), self.k_ln(k), v], dim=-1)
+
+
+def test_mosaic_gpt_checkpoint_with_qk_layernorm(tmp_path):
+    """mosaicml/mpt-1b-redpajama-200b's layout (MosaicGPT names, attn_* keys at the top of config.json, QK
+    LayerNorm) against HF's MPT with the QK LayerNorm added around its Wqkv."""
+    ref, _ = save_mpt(tmp_path / 'hf')
+    for blk in ref.transformer.blocks:
+        blk.attn.Wqkv = QKLayerNorm(blk.attn.Wqkv, 64)
+    names = {'norm_1': 'ln_1', 'norm_2': 'ln_2', 'ffn.up_proj': 'mlp.mlp_up', 'ffn.down_proj': 'mlp.mlp_down',
+             'norm_f': 'ln_f', 'Wqkv.wqkv': 'Wqkv', 'Wqkv.q_ln': 'q_ln', 'Wqkv.k_ln': 'k_ln'}
+    sd = {}
+    for k, v in ref.state_dict().items():
+        if k == 'lm_head.weight':
+            continue
+        for a, b in names.items():
+            k = k.replace(a, b)
+        sd[k] = v.contiguous()
+    (tmp_path / 'mos').mkdir()
+    save_file(sd, tmp_path / 'mos' / 'model.safetensors', metadata={'format': 'pt'})
+    (tmp_path / 'mos' / 'config.json').write_text(json.dumps(dict(
+        model_type='mosaic_gpt', d_model=64, n_heads=4, n_layers=3, mlp_ratio=4, max_seq_len=64, vocab_size=128,
+        alibi=True, alibi_bias_max=8, attn_qk_ln=True, attn_clip_qkv=None, no_bias=True, softmax_scale=None)))
+    ours = Decoder.from_pretrained(tmp_path / 'mos')
+    assert ours.cfg.qk_norm and ours.cfg.layout == 'mosaic_gpt'
+    idx = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        assert rel_err(ours.logits(ours(idx)), ref(idx).logits) < TOL
+    sd.pop('transformer.blocks.1.attn.Wqkv.weight')
+    sd['transformer.blocks.0.attn.Wqkv.weight'] = torch.zeros(190, 64)
+    save_file(sd, tmp_path / 'mos' / 'model.safetensors', metadata={'format': 'pt'})
+    with pytest.raises(ValueError, match=r'(?s)1 missing: transformer\.blocks\.1\.attn\.Wqkv\.weight.*wrong shape: '
+                                         r'transformer\.blocks\.0\.attn\.Wqkv\.weight: checkpoint \(190, 64\) vs model \(192, 64\)'):
+        Decoder.from_pretrained(tmp_path / 'mos')
+
+
+def test_eva_tower_from_a_whole_instructblip_checkpoint(tmp_path):
+    """The tower inside a full InstructBlipForConditionalGeneration save (vision_model.* beside qformer.*,
+    query_tokens, language_projection.* and a T5 language_model.*): the vision keys load, the others are skipped."""
+    cfg = T.InstructBlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                            encoder_hidden_size=32, vocab_size=99, max_position_embeddings=64),
+        text_config=T.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4).to_dict(),
+        num_query_tokens=4)
+    ref = randomize(T.InstructBlipForConditionalGeneration(cfg)).eval()
+    ref.save_pretrained(tmp_path)
+    ours = ViT.from_pretrained(tmp_path)
+    assert ours.cfg.kind == 'eva' and ours.cfg.n_layers == 2
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(ours(x, norm=True), ref.vision_model(pixel_values=x).last_hidden_state) < TOL
