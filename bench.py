@@ -2,7 +2,7 @@
 Benchmarks: speed/memory side by side with the reference stack, in one run, quoted as ratios; no assertions.
 
 python bench.py                    # every benchmark
-python bench.py caption_metrics    # just the named ones (caption_metrics, decode, methods)
+python bench.py caption_metrics    # just the named ones (caption_metrics, decode, methods, matrix)
 """
 
 import random
@@ -183,11 +183,80 @@ def bench_methods(max_iters=100, eval_limit=500, out='out/bench_methods'):
 
 
 # -----------------------------------------------------------------------------
+# any fusion x any PEFT on the offline job: cost of every pair, accuracy of LLaVA x every PEFT and every fusion x LoRA
+
+FUSION_CONFIGS = {'llava': '', 'qformer': 'config/blip2_easyvqa_cpu.py', 'flamingo': 'config/flamingo_easyvqa_cpu.py',
+                  'mmca': 'config/mmca_easyvqa_cpu.py', 'adem': 'config/adem_easyvqa_cpu.py',
+                  'lavin': 'config/lavin_easyvqa_cpu.py'}  # layered over config/easyvqa_cpu.py ('' = the job itself)
+
+
+def run_train(cfgs, out_dir, **keys):
+    """train.py config/easyvqa_cpu.py + cfgs + --key=value in a child process: (log text, log.jsonl step records,
+    the child's peak RSS in GiB, eval_test.json or None); the text is None when the run failed."""
+    import json
+    import os
+    import subprocess
+    cmd = [sys.executable, 'train.py', 'config/easyvqa_cpu.py', *[c for c in cfgs if c]] + [
+        f'--{k}={v}' for k, v in dict(out_dir=out_dir, overwrite=True, always_save_checkpoint=False, **keys).items()]
+    print('$', ' '.join(cmd[1:]), flush=True)
+    for f in ('log.jsonl', 'eval_test.json'):
+        if os.path.exists(os.path.join(out_dir, f)):
+            os.remove(os.path.join(out_dir, f))
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    text = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    if status != 0:
+        return text, None, usage.ru_maxrss / 2**20, None
+    steps = [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl')) if '"loss"' in line]
+    result = os.path.join(out_dir, 'eval_test.json')
+    return text, steps, usage.ru_maxrss / 2**20, json.load(open(result)) if os.path.exists(result) else None
+
+
+def bench_matrix(steps=5, acc_steps=100, eval_limit=500, fusions=None, pefts=None, out='out/bench_matrix'):
+    """Every fusion (fusion.FUSIONS, each with its config/<method>_easyvqa_cpu.py) x every PEFT method (peft.METHODS,
+    at its train.py defaults): trainable parameters, s / step (training steps 2..steps: the first one pays for
+    warm-up) and the child's peak RSS, from a `steps`-step run each; then easy-VQA exact match on the first
+    `eval_limit` test questions after `acc_steps` steps (bench_methods' budget) for LLaVA x every PEFT and every
+    fusion x LoRA. A pair that is refused (its error) says so in its row. fusions / pefts: a subset."""
+    import os
+    import re
+    from fusion import FUSIONS
+    from peft import METHODS
+    fusions, pefts = fusions or FUSIONS, pefts or METHODS
+    rows = {}
+    for f in fusions:
+        for p in pefts:
+            text, log, rss, _ = run_train([FUSION_CONFIGS[f]], os.path.join(out, f'{f}_{p}_speed'), fusion=f, peft=p,
+                                          max_iters=steps, eval_interval=steps, eval_iters=1, log_interval=1,
+                                          final_eval=False)
+            if log is None:
+                why = text.strip().splitlines()[-1] if text.strip() else ''  # the error train.py stopped with
+                rows[f, p] = [f, p, 'refused: ' + why.strip()[:100], '', '', '']
+                continue
+            n = re.search(r'([0-9.]+)M trainable', text).group(1)
+            dt = (log[-1]['time'] - log[0]['time']) / max(1, len(log) - 1)
+            rows[f, p] = [f, p, f'{float(n):.3f}M', f'{dt:.2f}', f'{rss:.2f}', '']
+    for f, p in rows:
+        if (f == 'llava' or p == 'lora') and not rows[f, p][2].startswith('refused'):
+            _, log, _, result = run_train([FUSION_CONFIGS[f]], os.path.join(out, f'{f}_{p}_acc'), fusion=f, peft=p,
+                                          max_iters=acc_steps, eval_interval=acc_steps, eval_limit=eval_limit)
+            rows[f, p][5] = f"{result['metrics']['accuracy']:.1f}" if result else 'failed'
+    print(f'\neasy-VQA, DINOv2-S/14 @ 56 px + SmolLM2-135M-Instruct, batch 8; s / step and peak RSS from {steps}-step '
+          f'runs; accuracy after {acc_steps} steps on the first {eval_limit} test questions (LLaVA x every PEFT, '
+          f'every fusion x LoRA)')
+    print('| fusion | PEFT | trainable | s / step | peak RSS GiB | easy-VQA acc. % |')
+    print('|---|---|---|---|---|---|')
+    for r in rows.values():
+        print('| ' + ' | '.join(r) + ' |')
+
+
+# -----------------------------------------------------------------------------
 
 BENCHMARKS = {
     'caption_metrics': bench_caption_metrics,
     'decode': bench_decode,
     'methods': bench_methods,
+    'matrix': bench_matrix,
 }
 
 if __name__ == '__main__':
