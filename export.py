@@ -60,8 +60,9 @@ def check_plain(module, where, *, wrappers_ok=False):
 
 
 def plain_state(module):
-    """Our parameter names -> tensors, with every merged wrapper's frozen layer under the wrapped layer's name."""
-    wraps = _unwrapped(module)
+    """Our parameter names -> tensors, with every merged wrapper's frozen layer under the wrapped layer's name (an
+    unmerged one keeps its names, which no HF key map has)."""
+    wraps = {n: m for n, m in _unwrapped(module).items() if getattr(m, 'merged', False)}
     out = {}
     for n, p in module.named_parameters():
         owner = next((w for w in wraps if n.startswith(w + '.')), None)
@@ -99,8 +100,8 @@ def lm_hf_state(lm):
     return to_hf(plain_state(lm), lm_key_map(lm.cfg), 'lm')
 
 
-def left_behind(model, ckpt_names, parts):
-    names = [n for n in ckpt_names if n.split('.')[0] in parts]
+def left_behind(model, parts):
+    names = [n for n, p in model.named_parameters() if p.requires_grad and n.split('.')[0] in parts]
     if names:
         print(f"not exported (not part of the LM): {len(names)} trained tensors of {' and '.join(parts)}, "
               f"e.g. {names[0]}")
@@ -139,11 +140,12 @@ def magnitude(m):
     return hits[0] if hits else None
 
 
-def export_peft(model, cfg, out, *, trained=(), dtype=torch.float32):
-    """Write `model.lm`'s LoRA factors as a peft adapter of the HF LM that cfg['init_lm'] names. rsLoRA / DoRA from
-    the checkpoint's config (lora_rslora, lora_dora: False when the checkpoint predates them). Refused: LoRA outside
-    the LM's linears, LM parameters that trained besides LoRA (a peft adapter holds only the factors: --to=hf), a
-    fusion or PEFT module inside the LM, a fused-qkv (MPT) layout."""
+def export_peft(model, cfg, out, *, dtype=torch.float32):
+    """Write `model.lm`'s LoRA factors as a peft adapter of the HF LM that cfg['init_lm'] names. rsLoRA from the
+    checkpoint's config (lora_rslora: False when the checkpoint predates it, and every layer's scaling must agree);
+    DoRA when the layers have a magnitude vector (and the config's lora_dora says so). Refused: LoRA outside the
+    LM, LM parameters that train besides LoRA (a peft adapter holds only the factors: --to=hf), another PEFT
+    wrapper or a fusion module inside the LM, a fused-qkv (MPT) layout."""
     lm, lcfg = model.lm, model.lm.cfg
     if lcfg.layout != 'llama':
         raise ValueError(f"--to=peft: a {lcfg.layout} LM fuses q, k, v into one HF Wqkv; LoRA on our separate q, k, v "
@@ -156,12 +158,18 @@ def export_peft(model, cfg, out, *, trained=(), dtype=torch.float32):
     loras = lora_modules(lm)
     if not loras:
         raise ValueError("--to=peft: the checkpoint has no LoRA in its LM (peft does not include 'lora')")
-    others = [n for n in trained if n.startswith('lm.') and not re.search(r'\.(lora_A|lora_B)\.|magnitude', n)]
+    foreign = sorted(f"lm.{n} ({type(m).__name__})" for n, m in _unwrapped(lm).items() if n not in loras)
+    if foreign:
+        raise ValueError(f"--to=peft: {', '.join(foreign[:4])} is not LoRA; a peft LoRA adapter cannot hold it")
+    others = [n for n, p in lm.named_parameters() if p.requires_grad and not re.search(r'(^|\.)(lora_A|lora_B)\.|magnitude', n)]
     if others:
-        raise ValueError(f"--to=peft: the LM trained {len(others)} tensors besides LoRA (e.g. {others[0]}); a peft "
+        raise ValueError(f"--to=peft: the LM trains {len(others)} tensors besides LoRA (e.g. lm.{others[0]}); a peft "
                          f"adapter holds only the LoRA factors: export the merged LM with --to=hf")
     r, alpha = cfg.get('lora_r', 8), cfg.get('lora_alpha', 8)
-    rslora, dora = bool(cfg.get('lora_rslora', False)), bool(cfg.get('lora_dora', False))
+    rslora, dora = bool(cfg.get('lora_rslora', False)), any(magnitude(m) is not None for m in loras.values())
+    if dora != bool(cfg.get('lora_dora', False)):
+        raise ValueError(f"--to=peft: the checkpoint's lora_dora={cfg.get('lora_dora', False)} but its LoRA layers "
+                         f"{'have' if dora else 'lack'} a magnitude vector")
     hf_of = {ours.rsplit('.', 1)[0]: hf.rsplit('.', 1)[0] for hf, ours in lm_key_map(lcfg).items()
              if hf.endswith('.weight')}  # our module -> HF module
     tensors, names = {}, []
@@ -176,10 +184,7 @@ def export_peft(model, cfg, out, *, trained=(), dtype=torch.float32):
         tensors[f'{key}.lora_A.weight'] = m.lora_A.weight.detach()
         tensors[f'{key}.lora_B.weight'] = m.lora_B.weight.detach()
         if dora:
-            mag = magnitude(m)
-            if mag is None:
-                raise ValueError(f"--to=peft: lora_dora=True but lm.{n} has no magnitude parameter")
-            tensors[f'{key}.lora_magnitude_vector'] = mag.detach()
+            tensors[f'{key}.lora_magnitude_vector'] = magnitude(m).detach()
     # peft matches target_modules by name suffix: the suffixes when they hit exactly our layers, else the names
     suffixes = sorted({h.rsplit('.', 1)[-1] for h in names})
     hit = {h for h in hf_of.values() if h.rsplit('.', 1)[-1] in suffixes}
@@ -199,6 +204,7 @@ def export_peft(model, cfg, out, *, trained=(), dtype=torch.float32):
 
 
 def export_hf(model, cfg, out, *, dtype=torch.float32):
+    """Merge `model` (in place) and write its LM; returns the HF names written."""
     d = lm_config(cfg)
     peft.merge(model)
     state = lm_hf_state(model.lm)
@@ -274,9 +280,8 @@ def export_llava(model, cfg, out, *, image_size, image_token_id=-1, dtype=torch.
     state = {f'model.vision_tower.{vis_prefix}{k}': v for k, v in vision.items()}
     state.update({f'model.language_model.{k[len("model."):]}': v for k, v in lm.items()})
     state['lm_head.weight'] = head  # written also when tied: both names hold the same values
-    p = model.fusion
-    state.update({f'model.multi_modal_projector.linear_{i}.{w}': getattr(getattr(p, f'fc{i}'), w).detach()
-                  for i in (1, 2) for w in ('weight', 'bias')})
+    proj = {f'multi_modal_projector.linear_{i}.{w}': f'fc{i}.{w}' for i in (1, 2) for w in ('weight', 'bias')}
+    state.update({f'model.{k}': v for k, v in to_hf(plain_state(model.fusion), proj, 'fusion').items()})
     n_tokens = model.fusion.n_tokens(model.vision.n_tokens(image_size))
     d_text['vocab_size'] = V
     config = dict(architectures=['LlavaForConditionalGeneration'], model_type='llava', vision_config=d_vis,
@@ -322,14 +327,13 @@ def main(argv):
         raise SystemExit(f"--to must be 'peft', 'hf' or 'llava' (got {c['to']!r}) and --out a folder (got {c['out']!r})")
     dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[c['dtype']]
     model, io, cfg = evaluate.load_vlm(c['ckpt'])
-    trained = [n for n, p in model.named_parameters() if p.requires_grad]
     try:
         if c['to'] == 'peft':
-            written = export_peft(model, cfg, c['out'], trained=trained, dtype=dtype)
-            left_behind(model, trained, ('vision', 'fusion'))
+            written = export_peft(model, cfg, c['out'], dtype=dtype)
+            left_behind(model, ('vision', 'fusion'))
         elif c['to'] == 'hf':
             written = export_hf(model, cfg, c['out'], dtype=dtype)
-            left_behind(model, trained, ('vision', 'fusion'))
+            left_behind(model, ('vision', 'fusion'))
         else:
             ic = io['image_cfg']
             written = export_llava(model, cfg, c['out'], image_size=ic['size'] if ic['resize'] == 'squash'

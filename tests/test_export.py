@@ -103,7 +103,7 @@ def test_peft_adapter_loads_onto_the_transformers_lm(ckpts, tmp_path):
     for case in ('clip', 'dinov2'):
         model, _, cfg = evaluate.load_vlm(ckpts[case])
         out = tmp_path / case
-        keys = export.export_peft(model, cfg, str(out), trained=[n for n, p in model.named_parameters() if p.requires_grad])
+        keys = export.export_peft(model, cfg, str(out))
         assert 'base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight' in keys
         assert len(keys) == 2 * 7 * 2  # A and B of 7 linears in 2 layers
         conf = json.load(open(out / 'adapter_config.json'))
@@ -237,9 +237,9 @@ def test_lm_exports_refuse_fusion_modules_in_the_lm(tiny, tmp_path):
     cfg = {**base, 'fusion': 'llava', 'peft': ''}
     with pytest.raises(ValueError, match="no LoRA in its LM"):
         export.export_peft(build_vlm(cfg), cfg, str(tmp_path / 'peft'))
-    cfg = {**base, 'fusion': 'llava'}
-    with pytest.raises(ValueError, match=r"trained 1 tensors besides LoRA \(e.g. lm.norm.weight\)(?s:.*)--to=hf"):
-        export.export_peft(build_vlm(cfg), cfg, str(tmp_path / 'peft'), trained=['lm.norm.weight'])
+    cfg = {**base, 'fusion': 'llava', 'trainable': ('fusion.', 'lora_', 'lm.norm.')}
+    with pytest.raises(ValueError, match=r"trains 1 tensors besides LoRA \(e.g. lm.norm.weight\)(?s:.*)--to=hf"):
+        export.export_peft(build_vlm(cfg), cfg, str(tmp_path / 'peft'))
     assert not (tmp_path / 'hf').exists() and not (tmp_path / 'peft').exists()
 
 
