@@ -35,7 +35,7 @@ SEAMS = ('pre', 'attn_in', 'ffn_side', 'adapters')  # model.py's empty ModuleLis
 
 
 def _unwrapped(module):
-    """{name: the module's layer names as the plain architecture has them} of the wrappers inside `module`."""
+    """{name: wrapper} of the PEFT wrappers inside `module`: the modules that hold a `base` nn.Linear."""
     return {n: m for n, m in module.named_modules() if n and hasattr(m, 'base') and isinstance(m.base, nn.Linear)}
 
 
@@ -161,7 +161,8 @@ def export_peft(model, cfg, out, *, dtype=torch.float32):
     foreign = sorted(f"lm.{n} ({type(m).__name__})" for n, m in _unwrapped(lm).items() if n not in loras)
     if foreign:
         raise ValueError(f"--to=peft: {', '.join(foreign[:4])} is not LoRA; a peft LoRA adapter cannot hold it")
-    others = [n for n, p in lm.named_parameters() if p.requires_grad and not re.search(r'(^|\.)(lora_A|lora_B)\.|magnitude', n)]
+    others = [n for n, p in lm.named_parameters()
+              if p.requires_grad and not re.search(r'(^|\.)(lora_A|lora_B)\.|magnitude', n)]
     if others:
         raise ValueError(f"--to=peft: the LM trains {len(others)} tensors besides LoRA (e.g. lm.{others[0]}); a peft "
                          f"adapter holds only the LoRA factors: export the merged LM with --to=hf")
@@ -243,8 +244,9 @@ def llava_problems(model, cfg):
 
 
 def export_llava(model, cfg, out, *, image_size, image_token_id=-1, dtype=torch.float32):
-    """image_size: the side the checkpoint's images had (the position table is written at it, as our tower
-    interpolated it, so llava-hf needs no interpolation)."""
+    """Merge `model` (in place) and write it; returns the HF names written. image_size: the side the checkpoint's
+    images had (the position table is written at that size, as our tower interpolated it: llava-hf interpolates
+    nothing)."""
     why = llava_problems(model, cfg)
     if why:
         raise ValueError("--to=llava: llava-hf cannot express " + '; '.join(why))
@@ -294,7 +296,7 @@ def export_llava(model, cfg, out, *, image_size, image_token_id=-1, dtype=torch.
     save(state, out, 'model.safetensors', dtype)
     copy_tokenizer(resolve(cfg['init_lm']), out)
     add_image_token(out, image_token_id)
-    return config
+    return sorted(state)
 
 
 def add_image_token(out, image_token_id):
@@ -340,7 +342,7 @@ def main(argv):
                                    else ic['crop_size'], image_token_id=c['image_token_id'], dtype=dtype)
     except ValueError as e:
         raise SystemExit(f"{c['ckpt']}: {e}")
-    print(f"wrote {c['out']} ({len(written)} {'tensors' if c['to'] != 'llava' else 'config entries'})")
+    print(f"wrote {c['out']} ({len(written)} tensors)")
 
 
 if __name__ == '__main__':

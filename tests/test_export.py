@@ -175,7 +175,9 @@ def test_llava_folder_loads_with_llava_for_conditional_generation(ckpts, case, t
         want = model(ours_ids, pixels=pixels)
         other = model(ours_ids, pixels=pixels.flip(0))
     assert rel_err(other, want) > 1e-3  # the image reaches the text's logits
-    config = export.export_llava(model, cfg, str(tmp_path / 'llava'), image_size=side)
+    keys = export.export_llava(model, cfg, str(tmp_path / 'llava'), image_size=side)
+    assert 'model.multi_modal_projector.linear_2.bias' in keys and 'lm_head.weight' in keys
+    config = json.load(open(tmp_path / 'llava' / 'config.json'))
     assert config['image_token_index'] == V and config['image_seq_length'] == n_img
     assert config['vision_feature_select_strategy'] == 'default' if case == 'clip' else 'full'
     hf = T.LlavaForConditionalGeneration.from_pretrained(tmp_path / 'llava').eval()
