@@ -179,7 +179,7 @@ def test_llava_folder_loads_with_llava_for_conditional_generation(ckpts, case, t
     assert 'model.multi_modal_projector.linear_2.bias' in keys and 'lm_head.weight' in keys
     config = json.load(open(tmp_path / 'llava' / 'config.json'))
     assert config['image_token_index'] == V and config['image_seq_length'] == n_img
-    assert config['vision_feature_select_strategy'] == 'default' if case == 'clip' else 'full'
+    assert config['vision_feature_select_strategy'] == ('default' if case == 'clip' else 'full')
     hf = T.LlavaForConditionalGeneration.from_pretrained(tmp_path / 'llava').eval()
     with torch.no_grad():
         got = hf(input_ids=torch.where(ours_ids == IMAGE_TOKEN, V, ours_ids), pixel_values=pixels).logits
