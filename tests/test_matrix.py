@@ -44,7 +44,7 @@ def args(tiny, data, out, f, p, **kw):
     a = dict(init_vision=tiny['clip'], init_lm=tiny['lm'], dataset='llava', data_root=data, out_dir=str(out),
              template='qwen2', fusion=f, peft=p, vision_layer=-1, vision_norm=False, vision_feature='patch',
              batch_size=12, max_iters=3, eval_interval=2, eval_iters=1, log_interval=1, learning_rate=3e-3,
-             warmup_iters=1, final_eval=False, dtype='float32', max_len=128, cache_features_gb=0.0,
+             warmup_iters=1, final_eval=False, dtype='float32', max_len=128,
              **FUSION_KEYS.get(f, {}), **PEFT_KEYS.get(p, {}))
     a.update(kw)
     return ['train.py', *[f'--{k}={v}' for k, v in a.items()]]
