@@ -166,7 +166,7 @@ def test_merged_lm_loads_with_auto_model(ckpts, case, tmp_path):
 def test_llava_folder_loads_with_llava_for_conditional_generation(ckpts, case, tmp_path):
     model, io, cfg = evaluate.load_vlm(ckpts[case])
     n_img, V = io['n_image_tokens'], model.lm.cfg.vocab_size
-    text = ids_batch(V, t=8)
+    text = ids_batch(V - 1, t=8)  # never the last id, which the SigLIP case uses for the image
     ours_ids = torch.cat([text[:, :3], torch.full((2, n_img), IMAGE_TOKEN), text[:, 3:]], 1)
     side = io['image_cfg']['crop_size']
     assert side == (CASES[case]['image_size'] or 32)
@@ -175,18 +175,25 @@ def test_llava_folder_loads_with_llava_for_conditional_generation(ckpts, case, t
         want = model(ours_ids, pixels=pixels)
         other = model(ours_ids, pixels=pixels.flip(0))
     assert rel_err(other, want) > 1e-3  # the image reaches the text's logits
-    keys = export.export_llava(model, cfg, str(tmp_path / 'llava'), image_size=side)
+    image_id = V - 1 if case == 'siglip' else -1  # SigLIP's case: an id of the vocabulary the text never uses
+    keys = export.export_llava(model, cfg, str(tmp_path / 'llava'), image_size=side, image_token_id=image_id)
     assert 'model.multi_modal_projector.linear_2.bias' in keys and 'lm_head.weight' in keys
     config = json.load(open(tmp_path / 'llava' / 'config.json'))
-    assert config['image_token_index'] == V and config['image_seq_length'] == n_img
+    image_id = V if image_id < 0 else image_id
+    assert config['image_token_index'] == image_id and config['image_seq_length'] == n_img
+    assert config['text_config']['vocab_size'] == max(V, image_id + 1)
     assert config['vision_feature_select_strategy'] == ('default' if case == 'clip' else 'full')
     hf = T.LlavaForConditionalGeneration.from_pretrained(tmp_path / 'llava').eval()
     with torch.no_grad():
-        got = hf(input_ids=torch.where(ours_ids == IMAGE_TOKEN, V, ours_ids), pixel_values=pixels).logits
+        got = hf(input_ids=torch.where(ours_ids == IMAGE_TOKEN, image_id, ours_ids), pixel_values=pixels).logits
     assert rel_err(got[..., :V], want) < 1e-5
-    assert got[..., V].abs().max() == 0  # the image token's new row: a zero logit
     from tokenizers import Tokenizer
-    assert Tokenizer.from_file(str(tmp_path / 'llava' / 'tokenizer.json')).token_to_id('<image>') == V
+    tk = Tokenizer.from_file(str(tmp_path / 'llava' / 'tokenizer.json'))
+    if image_id == V:
+        assert got[..., V].abs().max() == 0  # the image token's new row: a zero logit
+        assert tk.token_to_id('<image>') == V
+    else:
+        assert got.shape[-1] == V and tk.token_to_id('<image>') is None
 
 
 def test_merged_mpt_refuses_peft_and_fuses_wqkv_for_hf(tiny, tmp_path):
@@ -250,5 +257,12 @@ def test_cli(ckpts, tmp_path, capsys):
     out = capsys.readouterr().out
     assert 'wrote' in out and 'not exported (not part of the LM): 4 trained tensors of vision and fusion' in out
     assert sorted(os.listdir(tmp_path / 'a')) == ['adapter_config.json', 'adapter_model.safetensors']
+    export.main([f'--ckpt={ckpts["dinov2"]}', '--to=llava', f'--out={tmp_path / "c"}', '--dtype=bfloat16'])
+    config = json.load(open(tmp_path / 'c' / 'config.json'))  # the run's 48 px images, from its config
+    assert config['vision_config']['image_size'] == 48 and config['image_seq_length'] == 37
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / 'c' / 'model.safetensors'), 'pt') as f:
+        assert f.get_tensor('model.vision_tower.embeddings.position_embeddings').shape == (1, 37, 32)
+        assert f.get_tensor('lm_head.weight').dtype == torch.bfloat16
     with pytest.raises(SystemExit, match="--to must be 'peft', 'hf' or 'llava'"):
         export.main([f'--ckpt={ckpts["clip"]}', '--to=gguf', f'--out={tmp_path / "b"}'])
