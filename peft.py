@@ -37,10 +37,23 @@ import torch.nn.functional as F
 # _targets / _rslora / _dora.
 
 
+class LinearWrapper(nn.Module):
+    """What every PEFT wrapper of an nn.Linear is (LoRA, IA3, bias / scale): it reads like the linear it wraps
+    (weight, bias, in / out features), so wrappers stack ('bias_scale+lora'); merge() folds the innermost first."""
+    weight = property(lambda self: self.base.weight)
+    bias = property(lambda self: self.base.bias)
+    in_features = property(lambda self: self.base.in_features)
+    out_features = property(lambda self: self.base.out_features)
+
+    def linear(self):
+        """The nn.Linear at the bottom of a stack of wrappers."""
+        return self.base.linear() if isinstance(self.base, LinearWrapper) else self.base
+
+
 def find_linears(model, targets, key):
-    """[(name, nn.Linear)] of `model` (a VLM or a bare Decoder) that `targets` name (see above), skipping the
-    linears inside PEFT wrappers. `key` names the config key in the errors: no match at all, or a path that
-    matches nothing."""
+    """[(name, nn.Linear or LinearWrapper)] of `model` (a VLM or a bare Decoder) that `targets` name (see above);
+    the modules inside a wrapper are not candidates, the wrapper is. `key` names the config key in the errors: no
+    match at all, or a path that matches nothing."""
     if isinstance(targets, str):
         targets = (targets,)
     lm = 'lm.' if hasattr(model, 'lm') else ''
@@ -49,8 +62,8 @@ def find_linears(model, targets, key):
         if '.' not in t:  # the decoder's own linear of that name, in every block
             return re.fullmatch(rf'{re.escape(lm)}blocks\.\d+\.(attn|ffn)\.{re.escape(t)}', name) is not None
         return fnmatch.fnmatchcase(name, t + '*' if t.endswith('.') else t)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
-               and not isinstance(model.get_submodule(n.rsplit('.', 1)[0]) if '.' in n else model, WRAPPERS)]
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, LinearWrapper))
+               and not isinstance(model.get_submodule(n.rsplit('.', 1)[0]) if '.' in n else model, LinearWrapper)]
     for t in targets:
         if '.' in t and not any(hit(n, t) for n, _ in linears):
             raise ValueError(f"{key}: {t!r} matches no nn.Linear of the model (e.g. {linears[0][0]!r})")
@@ -68,9 +81,11 @@ def replace(model, name, new):
     return new
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(LinearWrapper):
     def __init__(self, base: nn.Linear, *, r=8, alpha=8, dropout=0.0, rslora=False, dora=False):
         super().__init__()
+        if dora and not isinstance(base, nn.Linear):  # its norm needs the layer's own W
+            raise ValueError(f"lora_dora=True on a layer another PEFT method already wraps ({type(base).__name__})")
         self.base = base
         kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Linear(base.in_features, r, **kw)
@@ -160,7 +175,7 @@ def apply_lora(model, *, targets=('q', 'v'), r=8, alpha=8, dropout=0.0, rslora=F
 # Trains: 'ia3_'. Config: peft='ia3', ia3_targets (peft's llama defaults k, v, down), ia3_feedforward (down).
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(LinearWrapper):
     def __init__(self, base: nn.Linear, *, feedforward=False):
         super().__init__()
         self.base, self.feedforward = base, feedforward
@@ -345,7 +360,7 @@ def apply_llama_adapter(lm, *, tokens=10, start=2):
 # Config: peft='bias_scale', bias_scale_targets.
 
 
-class BiasScaleLinear(nn.Module):
+class BiasScaleLinear(LinearWrapper):
     def __init__(self, base: nn.Linear):
         super().__init__()
         self.base = base
@@ -364,21 +379,22 @@ class BiasScaleLinear(nn.Module):
     def merge(self):
         if self.merged:
             return
-        W, s, b = self.base.weight, self.bias_scale_scale, self.bias_scale_bias
-        self.had_bias = self.base.bias is not None
-        b0 = self.base.bias if self.had_bias else torch.zeros_like(b)
+        lin, s, b = self.linear(), self.bias_scale_scale, self.bias_scale_bias
+        W, self.had_bias = lin.weight, lin.bias is not None
+        b0 = lin.bias if self.had_bias else torch.zeros_like(b)
         W.copy_((W * s[:, None]).to(W.dtype))
-        self.base.bias = nn.Parameter((s * (b0 + b)).to(W.dtype), requires_grad=False)
+        lin.bias = nn.Parameter((s * (b0 + b)).to(W.dtype), requires_grad=False)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if not self.merged:
             return
-        W, s, b = self.base.weight, self.bias_scale_scale, self.bias_scale_bias
+        lin, s, b = self.linear(), self.bias_scale_scale, self.bias_scale_bias
+        W = lin.weight
         W.copy_((W / s[:, None]).to(W.dtype))
-        b0 = self.base.bias / s - b
-        self.base.bias = nn.Parameter(b0.to(W.dtype), requires_grad=False) if self.had_bias else None
+        b0 = lin.bias / s - b
+        lin.bias = nn.Parameter(b0.to(W.dtype), requires_grad=False) if self.had_bias else None
         self.merged = False
 
 
@@ -391,8 +407,6 @@ def apply_bias_scale(model, *, targets=('q', 'o', 'gate', 'up', 'down')):
 #   and lit-llama. Its optional LoRA (r 16) is peft='bias_scale+lora' here.
 # - A bias merged into a layer without one adds a `bias` parameter to that layer (for export / inference).
 
-
-WRAPPERS = (LoRALinear, IA3Linear, BiasScaleLinear)  # find_linears skips the linears inside these
 
 # -----------------------------------------------------------------------------
 # Applying a config's PEFT methods (fusion.build_vlm calls this). A method owns the config keys that carry its
@@ -483,7 +497,7 @@ def load_trainable_state_dict(model, state, where='checkpoint', *, partial=False
 def merge(model):
     """Fold every linear update (LoRA, DoRA, IA3, bias / scale) into its base weight (for export or faster
     inference); a second call does nothing. Prompts and LLaMA-Adapter stay as they are (not linear in W)."""
-    for m in model.modules():
-        if isinstance(m, WRAPPERS):
+    for m in reversed(list(model.modules())):  # a wrapper after the ones inside it: W <- outer(inner(W))
+        if isinstance(m, LinearWrapper):
             m.merge()
     return model
