@@ -467,3 +467,21 @@ def test_wrong_key_errors(tiny):
         build_vlm(vlm_cfg(tiny, peft='lora', lora_targets=('q', 'vision.nothing.')))
     with pytest.raises(ValueError, match="unknown peft method 'adapterz'"):
         build_vlm(vlm_cfg(tiny, peft='adapterz'))
+
+
+@pytest.mark.parametrize('method', list(METHOD_CFG))
+def test_bf16_frozen_fp32_trained(tiny, method):
+    """As train.py runs dtype='bfloat16': frozen weights in bfloat16, the trained ones in float32, under autocast;
+    the loss is finite and every own parameter gets a float32 gradient."""
+    from fusion import build_vlm
+    extra, patterns = METHOD_CFG[method]
+    model = build_vlm(vlm_cfg(tiny, **extra), dtype=torch.bfloat16)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        ids, pixels, labels = batch(model)
+        loss = model(ids, pixels=pixels.bfloat16(), labels=labels)
+    loss.backward()
+    own = [p for n, p in model.named_parameters() if p.requires_grad and any(s in n for s in patterns)]
+    assert torch.isfinite(loss) and own and all(p.grad is not None and p.grad.dtype == torch.float32 for p in own)
