@@ -269,6 +269,8 @@ def apply_prompt_tuning(model, *, tokens=20, init_text='', tokenizer=None):
         if tokenizer is None:
             raise ValueError("prompt_tuning_init_text needs a tokenizer (peft.apply loads the LM's)")
         ids = list(tokenizer(init_text))
+        if not ids:
+            raise ValueError(f"prompt_tuning_init_text={init_text!r} has no tokens")
         ids = (ids * math.ceil(tokens / len(ids)))[:tokens]  # repeated or cut to N, as peft
         with torch.no_grad():  # embed_tokens: Gemma's scale included (the input the LM sees for these tokens)
             init = lm.embed_tokens(torch.tensor(ids, device=w.device)).float()
@@ -332,7 +334,7 @@ def apply_llama_adapter(lm, *, tokens=10, start=2):
         attn = lm.blocks[i].attn
         if isinstance(attn, LlamaAdapterAttention):
             raise ValueError(f"blocks.{i}.attn already has a LLaMA-Adapter")
-        w = attn.o.weight if isinstance(attn.o, nn.Linear) else next(attn.parameters())
+        w = attn.o.weight  # new parameters take the block's device and dtype
         attn.__class__ = _llama_adapter_class(type(attn))
         attn.llama_adapter_prompt = nn.Parameter(torch.randn(tokens, lm.cfg.dim, device=w.device).to(w.dtype))
         attn.llama_adapter_gate = nn.Parameter(torch.zeros(1, lm.cfg.n_heads, 1, 1, device=w.device, dtype=w.dtype))
