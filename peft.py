@@ -32,7 +32,8 @@ import torch.nn.functional as F
 # Targets (`targets`, config lora_targets): a bare name ('q', 'down') is that linear of every decoder block (the
 # LM's own attn.q/k/v/o and ffn.gate/up/down, not what a fusion put in its seams); a dotted name is a path
 # pattern on the whole VLM, matched with fnmatch, a trailing '.' taking every linear below it: 'vision.' (the
-# tower), 'fusion.' (a projector, the Q-Former), 'lm.blocks.0.attn.q', 'vision.blocks.*.q'.
+# tower), 'fusion.' (a projector, the Q-Former), 'lm.blocks.0.attn.q', 'vision.blocks.*.q'. The LM's head is never a
+# target (the logits use its weight directly, and a tied head is the embedding).
 # Trains (peft.apply): 'lora_' (A, B and DoRA's magnitude). Config: peft='lora', lora_r / _alpha / _dropout /
 # _targets / _rslora / _dora.
 
@@ -63,7 +64,8 @@ def find_linears(model, targets, key):
             return re.fullmatch(rf'{re.escape(lm)}blocks\.\d+\.(attn|ffn)\.{re.escape(t)}', name) is not None
         return fnmatch.fnmatchcase(name, t + '*' if t.endswith('.') else t)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, LinearWrapper))
-               and not isinstance(model.get_submodule(n.rsplit('.', 1)[0]) if '.' in n else model, LinearWrapper)]
+               and not isinstance(model.get_submodule(n.rsplit('.', 1)[0]) if '.' in n else model, LinearWrapper)
+               and n != lm + 'head']  # Decoder.logits reads the head's weight (tied or not), never calls it
     for t in targets:
         if '.' in t and not any(hit(n, t) for n, _ in linears):
             raise ValueError(f"{key}: {t!r} matches no nn.Linear of the model (e.g. {linears[0][0]!r})")

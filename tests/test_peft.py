@@ -465,6 +465,8 @@ def test_wrong_key_errors(tiny):
     from fusion import build_vlm
     with pytest.raises(ValueError, match=r"lora_targets: 'vision\.nothing\.' matches no nn\.Linear"):
         build_vlm(vlm_cfg(tiny, peft='lora', lora_targets=('q', 'vision.nothing.')))
+    with pytest.raises(ValueError, match=r"lora_targets: 'lm\.head' matches no nn\.Linear"):  # logits read its weight
+        build_vlm(vlm_cfg(tiny, peft='lora', lora_targets=('lm.head',)))
     with pytest.raises(ValueError, match="unknown peft method 'adapterz'"):
         build_vlm(vlm_cfg(tiny, peft='adapterz'))
 
