@@ -307,7 +307,7 @@ def test_llama_adapter_7b_count():
     with torch.device('meta'):
         m = Decoder(LMConfig())  # LMConfig's defaults are LLaMA-7B's
     added = peft.apply_llama_adapter(m)  # defaults: tokens 10, start 2 (the top 30 of 32)
-    assert sorted(added) == [f'blocks.{i}.attn' for i in sorted(range(2, 32), key=str)]
+    assert set(added) == {f'blocks.{i}.attn' for i in range(2, 32)}
     assert peft.mark_trainable(m, ('llama_adapter_',)) == 1_229_760
 
 
