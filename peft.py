@@ -345,8 +345,9 @@ def apply_llama_adapter(lm, *, tokens=10, start=2):
 
 # Deviations from the reference code
 # - The official code concatenates [V_p; V_t] and one score matrix with the two softmaxes side by side; we run
-#   SDPA twice (the same sum). The first 2 blocks run without no_grad: nothing in them trains, so autograd
-#   stores nothing for them anyway.
+#   SDPA twice (the same sum). The blocks below `start` run without the official no_grad: in a text-only run
+#   nothing before them trains, so autograd stores nothing for them anyway; in a VLM the gradient of a trained
+#   projector / Q-Former has to pass through them.
 # - With GQA (not in LLaMA-1) the prompt keys have n_kv heads, shared by their query groups; the gates stay
 #   per query head. MPT's clip_qkv / QK LayerNorm are not applied to the prompt keys.
 # - The multimodal v1 variant (a projected CLIP feature added to every prompt) is not built here.
