@@ -53,7 +53,8 @@ wandb_run_name = 'run'
 init_vision = 'checkpoints/dinov2-small-imgfocus'  # hub id or folder (python convert.py makes this one)
 init_lm = 'checkpoints/SmolLM2-135M-Instruct'
 fusion = 'llava'             # 'llava' | 'qformer' | 'flamingo' | 'mmca' | 'adem' | 'lavin' (fusion.py)
-peft = ''                    # '' | 'lora' (peft.py); several joined by '+'
+peft = ''                    # '' | 'lora' | 'ia3' | 'prompt_tuning' | 'llama_adapter' | 'bias_scale' (peft.py); several
+                             # joined by '+' ('bias_scale+lora': LLaMA-Adapter v2's fine-tuning with its LoRA)
 vision_layer = -1            # HF hidden_states index of the tower's output (-2: LLaVA's penultimate layer)
 vision_norm = True           # apply the tower's final LayerNorm (DINOv2 last_hidden_state)
 vision_feature = 'patch'     # projector input (LLaVA's select_feature): 'patch' (no CLS) | 'cls_patch' | 'cls' (CLS alone)
@@ -63,7 +64,21 @@ trainable = ()               # () = what the fusion and PEFT methods train by de
 lora_r = 8
 lora_alpha = 16
 lora_dropout = 0.0
-lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # bare: the decoder blocks' linears; dotted: path patterns
+                             # on the VLM ('vision.' every tower linear, 'fusion.', 'lm.blocks.0.attn.q', 'vision.*.q')
+lora_rslora = False          # scaling alpha / sqrt(r) instead of alpha / r (rsLoRA)
+lora_dora = False            # DoRA: a trained magnitude per output row, W's direction from W + sBA
+# IA3 (peft = 'ia3'): learned vectors, ones at init (peft's llama defaults)
+ia3_targets = ('k', 'v', 'down')
+ia3_feedforward = ('down',)  # those of ia3_targets that scale their input (the others scale their output)
+# Prompt tuning (peft = 'prompt_tuning'): virtual tokens before the text
+prompt_tuning_tokens = 20
+prompt_tuning_init_text = ''  # '' = N(0, 1); else the embeddings of this text's tokens, repeated / cut to the count
+# LLaMA-Adapter v1 (peft = 'llama_adapter'): gated prompts in the attention of the top layers
+llama_adapter_tokens = 10    # prompt tokens per layer (official adapter_len)
+llama_adapter_start = 2      # the first adapted block: all but the first 2 (official: top 30 of LLaMA-7B's 32)
+# bias / scale tuning (peft = 'bias_scale'; LLaMA-Adapter v2's fine-tuning: + the LM's norms)
+bias_scale_targets = ('q', 'o', 'gate', 'up', 'down')  # wq, wo, w1, w3, w2
 # LLaVA-1.5 (fusion = 'llava')
 llava_init = ''               # a llava-hf checkpoint (hub id / folder) whose projector loads ('' = a new one)
 # DS-VisualChat (fusion = 'mmca')
