@@ -1008,12 +1008,17 @@ class VLM(nn.Module):
         has_image per row. They carry no label and no output: logits stay aligned with `ids`.
       - `fusion.runs_without_images = True`: a batch without any image still calls the fusion, with
         feats=None (ADEM-VL's learned key/value embeddings act on text-only samples); otherwise such a
-        batch skips it."""
+        batch skips it.
+    A seam for PEFT methods, empty by default: `prompts`, modules called as f(B) -> (B, N, d), whose tokens go
+    after the fusion's prefix and before the text (peft.py's prompt tuning); like the prefix they carry no label
+    and no output. With such prompts the fusion sees the ids of the whole sequence, the prefix positions as
+    ordinary text (id 0), so that its media (Flamingo's image index, MMCA's token types) line up with the embeddings."""
 
     def __init__(self, vision: ViT, lm: Decoder, fusion: nn.Module, *, vision_layer=-1, vision_norm=False):
         super().__init__()
         self.vision, self.lm, self.fusion = vision, lm, fusion
         self.vision_layer, self.vision_norm = vision_layer, vision_norm
+        self.prompts = nn.ModuleDict()  # PEFT seam: method name -> f(B) -> (B, N, d) (prompt tuning)
 
     def image_features(self, pixels):
         """(B, 3, H, W) -> (B, N, Dv), or (B, M, 3, H, W) -> (B, M, N, Dv); without autograd when no tower
@@ -1036,13 +1041,17 @@ class VLM(nn.Module):
         if has_image is None:
             n = feats.shape[0] if feats is not None else ids.shape[0]
             has_image = torch.full((n,), feats is not None, dtype=torch.bool, device=ids.device)
+        for f in self.prompts.values():  # PEFT prompts go right before the text (after the fusion's prefix)
+            x = torch.cat([f(ids.shape[0]).to(x.dtype), x], dim=1)  # (B, N + T, d)
         if hasattr(self.fusion, 'prefix'):
             row_has_image = has_image.view(ids.shape[0], -1).any(1)  # (B,)
             x = torch.cat([self.fusion.prefix(row_has_image).to(x.dtype), x], dim=1)  # (B, P + T, d)
         if feats is None and not getattr(self.fusion, 'runs_without_images', False):
             return x, {}
+        P = x.shape[1] - ids.shape[1]
+        ids = F.pad(ids, (P, 0)) if P and self.prompts else ids  # (B, P + T): prefix positions are text
         tokens, media = self.fusion(feats, has_image=has_image, ids=ids)
-        slots = ids == IMAGE_TOKEN  # (B, T)
+        slots = ids == IMAGE_TOKEN  # (B, T) or (B, P + T)
         if tokens is not None:
             tokens = tokens[has_image]  # (n_img, n, d)
             if tokens.numel() // tokens.shape[-1] != int(slots.sum()):
