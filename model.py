@@ -1012,13 +1012,16 @@ class VLM(nn.Module):
     A seam for PEFT methods, empty by default: `prompts`, modules called as f(B) -> (B, N, d), whose tokens go
     after the fusion's prefix and before the text (peft.py's prompt tuning); like the prefix they carry no label
     and no output. With such prompts the fusion sees the ids of the whole sequence, the prefix positions as
-    ordinary text (id 0), so that its media (Flamingo's image index, MMCA's token types) line up with the embeddings."""
+    ordinary text (id 0), so that its media (Flamingo's image index, MMCA's token types) line up with the embeddings.
+    Another, `feature_adapters`: modules called as feats <- f(feats) on the tower's features (B, N, Dv) before the
+    fusion, after the feature cache (peft.py's CLIP-Adapter)."""
 
     def __init__(self, vision: ViT, lm: Decoder, fusion: nn.Module, *, vision_layer=-1, vision_norm=False):
         super().__init__()
         self.vision, self.lm, self.fusion = vision, lm, fusion
         self.vision_layer, self.vision_norm = vision_layer, vision_norm
         self.prompts = nn.ModuleDict()  # PEFT seam: method name -> f(B) -> (B, N, d) (prompt tuning)
+        self.feature_adapters = nn.ModuleDict()  # PEFT seam: method name -> feats <- f(feats) before the fusion
 
     def image_features(self, pixels):
         """(B, 3, H, W) -> (B, N, Dv), or (B, M, 3, H, W) -> (B, M, N, Dv); without autograd when no tower
@@ -1038,6 +1041,8 @@ class VLM(nn.Module):
         if feats is not None and feats.dim() == 4:  # (B, M, N, Dv) -> (B*M, N, Dv): image j of row b at b*M + j
             feats = feats.flatten(0, 1)
             has_image = has_image.flatten() if has_image is not None else None
+        for f in self.feature_adapters.values() if feats is not None else ():  # (B, N, Dv) -> (B, N, Dv)
+            feats = f(feats)
         if has_image is None:
             n = feats.shape[0] if feats is not None else ids.shape[0]
             has_image = torch.full((n,), feats is not None, dtype=torch.bool, device=ids.device)

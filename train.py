@@ -53,7 +53,7 @@ wandb_run_name = 'run'
 init_vision = 'checkpoints/dinov2-small-imgfocus'  # hub id or folder (python convert.py makes this one)
 init_lm = 'checkpoints/SmolLM2-135M-Instruct'
 fusion = 'llava'             # 'llava' | 'qformer' | 'flamingo' | 'mmca' | 'adem' | 'lavin' (fusion.py)
-peft = ''                    # '' | 'lora' (peft.py); several joined by '+'
+peft = ''                    # '' | 'lora' | 'adapters' | 'clip_adapter' | 'maple' | 'head' | 'petal' (peft.py); several joined by '+'
 vision_layer = -1            # HF hidden_states index of the tower's output (-2: LLaVA's penultimate layer)
 vision_norm = True           # apply the tower's final LayerNorm (DINOv2 last_hidden_state)
 vision_feature = 'patch'     # projector input (LLaVA's select_feature): 'patch' (no CLS) | 'cls_patch' | 'cls' (CLS alone)
@@ -64,6 +64,24 @@ lora_r = 8
 lora_alpha = 16
 lora_dropout = 0.0
 lora_targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+# Bottleneck adapters (peft = 'adapters'; VL-Adapter)
+adapters_reduction = 8       # bottleneck width = the LM's (tower's) width / this
+adapters_vision = False      # also adapters in the tower's blocks (and its LayerNorms train)
+# CLIP-Adapter (peft = 'clip_adapter'): residual MLP on every visual token before the fusion
+clip_adapter_reduction = 4
+clip_adapter_ratio = 0.2     # f' = ratio * MLP(f) + (1 - ratio) * f
+# MaPLe (peft = 'maple'): coupled language / vision prompts in the first maple_depth LM and tower layers
+maple_n_ctx = 2
+maple_depth = 9
+# head tuning (peft = 'head'; PETAL's baseline): the first FFN linear of the target's last layer
+head_target = 'auto'         # 'auto' (the Q-Former if the fusion has one, else the LM) | 'qformer' | 'lm'
+# PETAL (peft = 'petal'): mode approximation on q / k / v, per-layer scale / shift, 6 embedding experts
+petal_target = 'qformer'     # 'qformer' (the paper; fusion = 'qformer') | 'lm' (the LM's attention, an extension)
+petal_rank = 64              # R: U (d -> R), V (R -> d), core C (R x R x R)
+petal_dropout = 0.1          # on U x
+petal_experts = 6
+petal_expert_rank = 64
+petal_batch_context = True   # the released code's cross-attention quirk (query 0 += 0.1 x the batch mean)
 # LLaVA-1.5 (fusion = 'llava')
 llava_init = ''               # a llava-hf checkpoint (hub id / folder) whose projector loads ('' = a new one)
 # DS-VisualChat (fusion = 'mmca')
