@@ -368,7 +368,7 @@ def apply_petal(model, *, target='qformer', rank=64, dropout=0.1, experts=6, exp
             layer.side.append(PETALScaleShift(dim))
         qf.embed_out.append(PETALExperts(dim, n=experts, rank=expert_rank))
         model.fusion.trainable = ('fusion.proj.',)  # the Q-Former is what PETAL tunes; the new projection trains
-        ref = qf.query
+        target_module, ref = qf, qf.query
     elif target == 'lm':
         lm, cfg = model.lm, model.lm.cfg
         q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
@@ -381,12 +381,10 @@ def apply_petal(model, *, target='qformer', rank=64, dropout=0.1, experts=6, exp
             blk.attn.v = PETALLinear(blk.attn.v, kv, dropout=dropout)
             blk.ffn_side.append(PETALScaleShift(cfg.dim))
         lm.blocks[0].pre.insert(0, PETALExperts(cfg.dim, n=experts, rank=expert_rank))  # on the input embeddings
-        ref = lm.embed.weight
+        target_module, ref = lm, lm.embed.weight
     else:
         raise ValueError(f"petal_target must be 'qformer' or 'lm', not {target!r}")
-    for name, p in model.named_parameters():  # the new parameters on the target's device and dtype
-        if 'petal_' in name:
-            p.data = p.data.to(ref.device, ref.dtype)
+    target_module.to(ref.device, ref.dtype)  # the new parameters on the target's device and dtype
     return ('petal_',)
 
 # Deviations from the reference code
