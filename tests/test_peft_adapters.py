@@ -358,3 +358,35 @@ def test_one_step_changes_only_the_declared_parameters(tiny, fusion, method, key
     own = {n for n in declared if not n.startswith('fusion.') or method in ('head', 'petal')}
     assert changed == with_grad and changed <= declared and changed & own
     assert with_grad <= declared  # nothing frozen gets a gradient
+
+# -----------------------------------------------------------------------------
+# through train.py: the keys, float32 master weights, checkpoints and exact resume
+
+
+TRAIN_CASES = [('llava', 'adapters', dict(adapters_vision=True)), ('llava', 'clip_adapter', {}),
+               ('llava', 'maple', dict(maple_depth=2)), ('qformer', 'head', {}),
+               ('qformer', 'petal', dict(petal_rank=4, petal_expert_rank=4))]
+
+
+@pytest.mark.parametrize('fusion,method,keys', TRAIN_CASES, ids=[f'{f}-{m}' for f, m, _ in TRAIN_CASES])
+def test_train_py_trains_and_resumes_exactly(tiny, shapes_json, tmp_path, monkeypatch, fusion, method, keys):
+    import model as model_py
+    from test_train import base_args, losses, train
+    q = dict(qformer_dim=32, qformer_layers=2, qformer_heads=4, qformer_queries=4) if fusion == 'qformer' else {}
+    args = lambda out, **kw: base_args(tiny, shapes_json, out, fusion=fusion, peft=method, lora_r=None, trainable='()',
+                                       max_iters=4, eval_interval=2, **q, **keys, **kw)
+    g = train(monkeypatch, *args(tmp_path / 'full'))
+    real_save = model_py.atomic_save
+
+    def save_then_crash(state, path):
+        real_save(state, path)
+        if state['step'] == 2:
+            raise KeyboardInterrupt('simulated crash')
+    monkeypatch.setattr(model_py, 'atomic_save', save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(monkeypatch, *args(tmp_path / 'cut'))
+    monkeypatch.setattr(model_py, 'atomic_save', real_save)
+    train(monkeypatch, *args(tmp_path / 'cut', init_from='resume'))
+    assert len(losses(tmp_path / 'full')) == 4 and losses(tmp_path / 'cut') == losses(tmp_path / 'full')
+    ckpt = torch.load(tmp_path / 'full' / 'ckpt.pt', weights_only=True)
+    assert ckpt['model'].keys() == trainable(g['raw_model']) and all(v.dtype == torch.float32 for v in ckpt['model'].values())
