@@ -347,7 +347,8 @@ class PETALBatchContext(nn.Module):
         return torch.cat([q[:, :1] + 0.1 * q_in[:, 0].mean(0), q[:, 1:]], dim=1)  # (B, Q, dim)
 
 
-def apply_petal(model, *, target='qformer', rank=64, dropout=0.1, experts=6, expert_rank=64, batch_context=True):
+def apply_petal(model, *, target='qformer', rank=64, dropout=0.1, experts=6, expert_rank=64, batch_context=True,
+                ib=False):
     if target == 'qformer':
         if not hasattr(model.fusion, 'qformer'):
             raise ValueError(f"petal_target='qformer' needs a fusion with a Q-Former (fusion='qformer'); "
@@ -385,6 +386,10 @@ def apply_petal(model, *, target='qformer', rank=64, dropout=0.1, experts=6, exp
     else:
         raise ValueError(f"petal_target must be 'qformer' or 'lm', not {target!r}")
     target_module.to(ref.device, ref.dtype)  # the new parameters on the target's device and dtype
+    if ib:
+        if target != 'qformer':
+            raise ValueError("petal_ib=True needs petal_target='qformer' (the bottleneck is on the Q-Former's output)")
+        apply_petal_ib(model)
     return ('petal_',)
 
 # Deviations from the reference code
@@ -393,7 +398,61 @@ def apply_petal(model, *, target='qformer', rank=64, dropout=0.1, experts=6, exp
 # - The experts act on the Q-Former's embeddings after their dropout, as the code; its instruction tokens reach
 #   them only when the VLM hands the Q-Former an instruction (fusion.py's InstructBLIP note).
 # - With a KV cache LAVIS's k / v of the cached part get no update; our Q-Former never caches.
-# - The information-bottleneck loss: see PETAL's note in README.md (not in the released model).
+# - The information-bottleneck loss is not in the released model: petal_ib (next section) adds the authors' variant.
+
+# -----------------------------------------------------------------------------
+# PETAL's information-bottleneck term (petal_ib=True). Not in the released model (blip2_t5_instruct_petal_moe.py
+# returns the LM loss alone); the authors' variant ships only as bytecode, lavis/models/blip2_models/__pycache__/
+# blip2_t5_instruct_aurora_information_bottleneck.cpython-310.pyc, built on the released source of its estimators,
+# model_loader_modify.py (ModelWrapper, CLUBSample, MINE). Read from that bytecode (python3.10 -m dis):
+#   Wrapper = ModelWrapper(num_cluster=len(t5 tokenizer)); every 'weight' xavier_normal_, every 'bias' 0
+#   para_info = nn.Parameter(tensor(0.0)), trained
+#   loss = lm_loss + para_info * Wrapper(image_embeds, qformer_output[:, :Q], targets)
+#   Wrapper: I_zy = CLUB(mean_q Z, mean_t onehot(Y)), I_xz = MINE(mean_n X, mean_q Z), returns I_zy - 0.1 I_xz
+# with X = ln_vision(ViT(image)) (the Q-Former's image input), Z its query outputs, Y the target tokens.
+
+
+class PETALInfoBottleneck(nn.Module):
+    def __init__(self, vis_dim, dim, vocab, *, beta=0.1):
+        super().__init__()
+        self.petal_club_mu = nn.Sequential(nn.Linear(dim, 32), nn.ReLU(), nn.Linear(32, vocab))       # CLUBSample,
+        self.petal_club_logvar = nn.Sequential(nn.Linear(dim, 32), nn.ReLU(), nn.Linear(32, vocab), nn.Tanh())  # 32
+        self.petal_mine = nn.Sequential(nn.Linear(vis_dim + dim, 64), nn.ReLU(), nn.Linear(64, 1))  # MINE, 64 wide
+        for name, p in self.named_parameters():
+            (nn.init.xavier_normal_ if 'weight' in name else nn.init.zeros_)(p)
+        self.petal_info = nn.Parameter(torch.tensor(0.0))  # para_info: the term's learned weight, starting at 0
+        self.beta, self.vocab, self.seen = beta, vocab, []
+
+    def record(self, qformer, args, z):  # forward hook on the Q-Former: its image input and query outputs
+        if torch.is_grad_enabled():
+            self.seen[:] = [(args[0], z)]
+
+    def forward(self, labels):
+        """para_info * (I(Z; Y) upper bound - beta I(X; Z) lower bound), 0 for a batch without images."""
+        if not self.seen:
+            return 0.0
+        (x, z), self.seen[:] = self.seen[0], []
+        keep = (labels != -100).float()  # (B, T): the answer tokens; y = their mean one-hot (B, vocab), scattered
+        y = torch.zeros(len(labels), self.vocab, device=labels.device).scatter_add_(1, labels.clamp(min=0), keep)
+        y = y / keep.sum(1, keepdim=True).clamp(min=1)
+        x, z = x.float().mean(1), z.float().mean(1)  # (B, Dv), (B, dim)
+        mu, logvar = self.petal_club_mu(z), self.petal_club_logvar(z)  # CLUBSample.forward
+        neg = y[torch.randperm(len(y), device=y.device)]
+        i_zy = ((-(mu - y) ** 2 + (mu - neg) ** 2) / (logvar.exp() + 1e-6)).sum(-1).mean() / 2
+        t0 = self.petal_mine(torch.cat([x, z], -1))  # MINE.forward: Donsker-Varadhan with shuffled z
+        t1 = self.petal_mine(torch.cat([x, z[torch.randint(len(z), (len(z),), device=z.device)]], -1)).view(-1)
+        i_xz = t0.mean() - (torch.logsumexp(t1, 0) - math.log(len(t1)))
+        return self.petal_info * (i_zy - self.beta * i_xz)
+
+
+def apply_petal_ib(model):
+    qf = model.fusion.qformer
+    ib = PETALInfoBottleneck(qf.petal_factors['image'].U.in_features, qf.query.shape[-1], model.lm.cfg.vocab_size)
+    model.aux_losses['petal'] = ib.to(qf.query.device)
+    qf.register_forward_hook(ib.record)
+
+# Deviations from the authors' code: Y is the bag of answer tokens (their T5 targets also count padding, as class
+# 0); under gradient accumulation the term is added once per micro-batch; validation losses leave it out.
 
 # -----------------------------------------------------------------------------
 # Applying a config's PEFT methods (fusion.build_vlm calls this). A method owns the config keys that carry its

@@ -82,6 +82,7 @@ petal_dropout = 0.1          # on U x
 petal_experts = 6
 petal_expert_rank = 64
 petal_batch_context = True   # the released code's cross-attention quirk (query 0 += 0.1 x the batch mean)
+petal_ib = False             # + PETAL's information-bottleneck term (the authors' unreleased variant; peft.py)
 # LLaVA-1.5 (fusion = 'llava')
 llava_init = ''               # a llava-hf checkpoint (hub id / folder) whose projector loads ('' = a new one)
 # DS-VisualChat (fusion = 'mmca')

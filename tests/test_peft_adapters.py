@@ -365,7 +365,7 @@ def test_one_step_changes_only_the_declared_parameters(tiny, fusion, method, key
 
 TRAIN_CASES = [('llava', 'adapters', dict(adapters_vision=True)), ('llava', 'clip_adapter', {}),
                ('llava', 'maple', dict(maple_depth=2)), ('qformer', 'head', {}),
-               ('qformer', 'petal', dict(petal_rank=4, petal_expert_rank=4))]
+               ('qformer', 'petal', dict(petal_rank=4, petal_expert_rank=4, petal_ib=True))]
 
 
 @pytest.mark.parametrize('fusion,method,keys', TRAIN_CASES, ids=[f'{f}-{m}' for f, m, _ in TRAIN_CASES])
@@ -390,3 +390,53 @@ def test_train_py_trains_and_resumes_exactly(tiny, shapes_json, tmp_path, monkey
     assert len(losses(tmp_path / 'full')) == 4 and losses(tmp_path / 'cut') == losses(tmp_path / 'full')
     ckpt = torch.load(tmp_path / 'full' / 'ckpt.pt', weights_only=True)
     assert ckpt['model'].keys() == trainable(g['raw_model']) and all(v.dtype == torch.float32 for v in ckpt['model'].values())
+
+# -----------------------------------------------------------------------------
+# PETAL's information-bottleneck term (the authors' bytecode + model_loader_modify.py)
+
+
+def model_wrapper(ib, vit, qformer, labels):
+    """model_loader_modify.ModelWrapper.forward with CLUBSample / MINE, as released (one-hot of the targets with
+    -100 -> 0, here over the answer tokens only: every position of these labels is an answer token)."""
+    label = labels.masked_fill(labels == -100, 0)
+    y = F.one_hot(label.view(-1), ib.vocab).view(*label.shape, -1).float().mean(1)
+    z = qformer.float().mean(1)
+    mu = ib.petal_club_mu(z)
+    logvar = ib.petal_club_logvar(z)
+    idx = torch.randperm(z.shape[0]).long()
+    upper = ((-(mu - y) ** 2 / (logvar.exp() + 1e-6)).sum(-1) - (-(mu - y[idx]) ** 2 / (logvar.exp() + 1e-6)).sum(-1)).mean() / 2.
+    x = vit.float().mean(1)
+    idx = torch.randint(z.shape[0], (z.shape[0],)).long()
+    T0 = ib.petal_mine(torch.cat([x, z], -1))
+    T1 = ib.petal_mine(torch.cat([x, z[idx]], -1)).view(-1)
+    lower = T0.mean() - (torch.logsumexp(T1, 0) - math.log(T1.shape[0]))
+    return upper - 0.1 * lower
+
+
+def test_petal_information_bottleneck_term(tiny):
+    model = build_vlm(cfg_for(tiny, fusion='qformer', method='petal', petal_rank=4, petal_expert_rank=4, petal_ib=True))
+    ib = model.aux_losses['petal']
+    assert ib.petal_info.item() == 0.0 and ib.petal_club_mu[2].weight.shape == (model.lm.cfg.vocab_size, 32)
+    assert {'aux_losses.petal.petal_info', 'aux_losses.petal.petal_mine.0.weight'} <= trainable(model)
+    model.eval()  # no dropout: the estimators' shuffles are the only random draws
+    seen = []
+    model.fusion.qformer.register_forward_hook(lambda m, a, o: seen.append((a[0], o)))
+    ids, _, px = batch(model)
+    labels = torch.randint(3, 100, ids.shape)  # every position labelled
+    with torch.no_grad():
+        ib.petal_info.fill_(0.7)
+        ce = model(ids, pixels=px, labels=labels)  # without autograd nothing is recorded: the LM loss alone
+    torch.manual_seed(5)
+    loss = model(ids, pixels=px, labels=labels)
+    assert not ib.seen  # consumed
+    vit, z = seen[-1]
+    torch.manual_seed(5)
+    ref = model_wrapper(ib, vit, z, labels)
+    assert abs(ref.item()) > 1e-5 and abs((loss - ce - 0.7 * ref).item()) < 1e-6  # forward(labels=) adds it
+    ib.seen[:] = [(vit, z)]
+    torch.manual_seed(5)
+    assert rel_err(ib(labels), 0.7 * ref) < TOL
+    loss.backward()
+    assert ib.petal_info.grad is not None and rel_err(ib.petal_info.grad, ref) < 1e-4  # d loss / d para_info = the term
+    with pytest.raises(ValueError, match="petal_ib=True needs petal_target='qformer'"):
+        build_vlm(cfg_for(tiny, method='petal', petal_target='lm', petal_ib=True))
