@@ -18,6 +18,9 @@ The hooks a fusion may use (model.py knows nothing else about fusion methods):
                                       on the normed attention input (LaVIN); ffn_side: out += f(h, ctx) beside
                                       the FFN (ADEM-VL); attn.__class__: a subclass overriding `attend` (MMCA, LaVIN)
   ViTBlock seams (model.py)           attn_in: a <- f(a) (LaVIN); adapters: x += f(h) beside the MLP (ADEM-VL)
+  Q-Former seams (for PEFT methods)   QFormer.embed_out: x <- f(x) on the embeddings; QFormerLayer.xattn_out:
+                                      q <- f(q, q_in) after the cross-attention; QFormerLayer.side: out += f(a), a the
+                                      self-attention output (peft.py's PETAL)
 Empty seams add no parameters, no state-dict keys and no cost: the plain tower and LM load HF weights unchanged.
 """
 

@@ -299,7 +299,7 @@ class PETALLinear(nn.Module):
     def __init__(self, base, factors, *, dropout=0.1):
         super().__init__()
         self.base = base
-        self.petal_mode = nn.Parameter(torch.empty(factors.C.shape[0], 1, device=base.weight.device))
+        self.petal_mode = nn.Parameter(torch.empty(factors.C.shape[0], 1))
         nn.init.xavier_uniform_(self.petal_mode)
         self.drop = nn.Dropout(dropout)
         self.factors = (factors,)  # a tuple: shared factors are registered once, on the target module
