@@ -199,22 +199,30 @@ class MaPLeViT(ViT):
         return self.norm(x) if norm else x
 
 
-class MaPLeTextPrompt(nn.Module):
-    """Layer 0's language prompts as input tokens (VLM.prompts), or layer i's replacing the previous layer's at
-    positions [offset, offset + n_ctx) (a Block.pre seam; decoding steps after the prompt are left alone)."""
+class MaPLeInputPrompt(nn.Module):
+    """Layer 0's language prompts, as input tokens before the text (VLM.prompts: f(B) -> (B, n_ctx, d))."""
 
-    def __init__(self, maple, *, layer=0, offset=0):
+    def __init__(self, maple):
         super().__init__()
-        self.maple, self.layer, self.offset = (maple,), layer, offset  # a tuple: the prompts live in the tower
+        self.maple = (maple,)  # a tuple, not a submodule: the prompts are registered once, in the tower
 
-    def forward(self, x, ctx=None):
-        p = self.maple[0].text[self.layer]  # (n_ctx, d)
-        if ctx is None:  # VLM.prompts: called with the batch size
-            return p.expand(x, -1, -1)  # (B, n_ctx, d)
+    def forward(self, B):
+        return self.maple[0].text[0].expand(B, -1, -1)
+
+
+class MaPLeDeepPrompt(MaPLeInputPrompt):
+    """Layer i's language prompts replacing the previous layer's at [offset, offset + n_ctx) (a Block.pre seam);
+    decoding steps after the prompt (a filled KV cache) hold no prompt positions and pass unchanged."""
+
+    def __init__(self, maple, *, layer, offset=0):
+        super().__init__(maple)
+        self.layer, self.offset = layer, offset
+
+    def forward(self, x, ctx):
         if ctx.cache is not None and ctx.cache.pos > 0:
             return x
-        a, b = self.offset, self.offset + p.shape[0]
-        return torch.cat([x[:, :a], p.to(x.dtype).expand(x.shape[0], -1, -1), x[:, b:]], dim=1)  # (B, T, d)
+        p = self.maple[0].text[self.layer].to(x.dtype).expand(x.shape[0], -1, -1)  # (B, n_ctx, d)
+        return torch.cat([x[:, :self.offset], p, x[:, self.offset + p.shape[1]:]], dim=1)  # (B, T, d)
 
 
 def apply_maple(model, *, n_ctx=2, depth=9, vision_blocks=None):
@@ -231,9 +239,9 @@ def apply_maple(model, *, n_ctx=2, depth=9, vision_blocks=None):
     model.vision.__class__ = MaPLeViT
     model.vision.maple = maple  # in the tower, so that the VLM runs the tower with autograd (and caches nothing)
     offset = model.fusion.prefix(torch.zeros(1, dtype=torch.bool)).shape[1] if hasattr(model.fusion, 'prefix') else 0
-    model.prompts['maple'] = MaPLeTextPrompt(maple)
+    model.prompts['maple'] = MaPLeInputPrompt(maple)
     for i in range(1, depth):
-        model.lm.blocks[i].pre.insert(0, MaPLeTextPrompt(maple, layer=i, offset=offset))
+        model.lm.blocks[i].pre.insert(0, MaPLeDeepPrompt(maple, layer=i, offset=offset))
     return ('vision.maple.',)
 
 # Deviations from the reference code
@@ -347,8 +355,10 @@ class PETALBatchContext(nn.Module):
         return torch.cat([q[:, :1] + 0.1 * q_in[:, 0].mean(0), q[:, 1:]], dim=1)  # (B, Q, dim)
 
 
-def apply_petal(model, *, target='qformer', rank=64, dropout=0.1, experts=6, expert_rank=64, batch_context=True,
+def apply_petal(model, *, target='auto', rank=64, dropout=0.1, experts=6, expert_rank=64, batch_context=True,
                 ib=False):
+    if target == 'auto':
+        target = 'qformer' if hasattr(model.fusion, 'qformer') else 'lm'
     if target == 'qformer':
         if not hasattr(model.fusion, 'qformer'):
             raise ValueError(f"petal_target='qformer' needs a fusion with a Q-Former (fusion='qformer'); "
@@ -384,7 +394,7 @@ def apply_petal(model, *, target='qformer', rank=64, dropout=0.1, experts=6, exp
         lm.blocks[0].pre.insert(0, PETALExperts(cfg.dim, n=experts, rank=expert_rank))  # on the input embeddings
         target_module, ref = lm, lm.embed.weight
     else:
-        raise ValueError(f"petal_target must be 'qformer' or 'lm', not {target!r}")
+        raise ValueError(f"petal_target must be 'auto', 'qformer' or 'lm', not {target!r}")
     target_module.to(ref.device, ref.dtype)  # the new parameters on the target's device and dtype
     if ib:
         if target != 'qformer':

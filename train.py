@@ -76,7 +76,8 @@ maple_depth = 9
 # head tuning (peft = 'head'; PETAL's baseline): the first FFN linear of the target's last layer
 head_target = 'auto'         # 'auto' (the Q-Former if the fusion has one, else the LM) | 'qformer' | 'lm'
 # PETAL (peft = 'petal'): mode approximation on q / k / v, per-layer scale / shift, 6 embedding experts
-petal_target = 'qformer'     # 'qformer' (the paper; fusion = 'qformer') | 'lm' (the LM's attention, an extension)
+petal_target = 'auto'        # 'auto' (the Q-Former if the fusion has one, else the LM) | 'qformer' (the paper) | 'lm'
+                             # (the LM's attention: our extension)
 petal_rank = 64              # R: U (d -> R), V (R -> d), core C (R x R x R)
 petal_dropout = 0.1          # on U x
 petal_experts = 6

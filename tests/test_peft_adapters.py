@@ -332,7 +332,9 @@ def test_petal_on_the_lm_an_extension(tiny):
     assert torch.equal(step, out)
     assert {n for n in trainable(model) if not n.startswith('fusion.')} == {n for n, _ in model.named_parameters() if 'petal_' in n}
     with pytest.raises(ValueError, match=r"petal_target='qformer' needs a fusion with a Q-Former"):
-        build_vlm(cfg_for(tiny, method='petal'))
+        build_vlm(cfg_for(tiny, method='petal', petal_target='qformer'))
+    auto = build_vlm(cfg_for(tiny, method='petal', petal_rank=4, petal_expert_rank=4))  # 'auto': no Q-Former -> the LM
+    assert hasattr(auto.lm, 'petal_factors')
 
 # -----------------------------------------------------------------------------
 # every method through build_vlm: one optimizer step changes exactly what it declares
@@ -341,7 +343,7 @@ def test_petal_on_the_lm_an_extension(tiny):
 CASES = [('llava', 'adapters', dict(adapters_vision=True)), ('llava', 'clip_adapter', {}),
          ('llava', 'maple', dict(maple_depth=2)), ('qformer', 'head', {}), ('llava', 'head', {}),
          ('qformer', 'petal', dict(petal_rank=4, petal_expert_rank=4)),
-         ('mmca', 'petal', dict(petal_target='lm', petal_rank=4, petal_expert_rank=4))]
+         ('mmca', 'petal', dict(petal_rank=4, petal_expert_rank=4))]
 
 
 @pytest.mark.parametrize('fusion,method,keys', CASES, ids=[f'{f}-{m}' for f, m, _ in CASES])
