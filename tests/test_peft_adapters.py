@@ -141,8 +141,9 @@ def test_maple_prompts_in_the_tower(tiny):
                 x = torch.cat([x[:, :17], prompt.expand(2, -1, -1)], 1)
             x = blk(x)
         out = vis(px)
-    assert out.shape == (2, 17, 32) and rel_err(out, x[:, :17]) < TOL
-    assert torch.equal(mp.proj[1].weight, mp.proj[1].weight) and len(mp.proj) == 2 and mp.text.shape == (2, 3, 64)
+    assert out.shape == (2, 17, 32) and rel_err(out, x[:, :17]) < TOL and mp.text.shape == (2, 3, 64)
+    deep = peft.MaPLePrompts(64, 32, depth=4).proj  # maple.py: the deeper projections are clones of one layer
+    assert all(torch.equal(deep[i].weight, deep[1].weight) for i in (2, 3)) and not torch.equal(deep[0].weight, deep[1].weight)
 
 
 def test_maple_prompts_in_the_lm_and_cached_decoding(tiny):
@@ -229,36 +230,45 @@ def official_attention(att, x, mem, upd_q, upd_kv):
     return att.norm(F.linear(ctx, att.o.weight, att.o.bias) + x)
 
 
-def official_petal_qformer(qf, img):
-    """Qformer_PETAL_MOE.BertModel (mode 'multimodal', queries only, eval): experts on the embeddings, then per
-    BertLayer self-attention, 0.1 (a * CP_scaleself + CP_shiftself), cross-attention with the image factors and
-    query 0 += 0.1 * batch mean of query 0, the query FFN, and the residual added to the layer output."""
+def official_petal_qformer(qf, img, instruction=None):
+    """Qformer_PETAL_MOE.BertModel (mode 'multimodal', eval): experts on the embeddings (queries + instruction),
+    then per BertLayer self-attention, 0.1 (a * CP_scaleself + CP_shiftself), cross-attention of the queries with
+    the image factors and query 0 += 0.1 * batch mean of query 0, the query / text FFNs, the residual added to the
+    layer output."""
     text, image = qf.petal_factors['text'], qf.petal_factors['image']
     t_upd = lambda x, lam: cp_update(x, text.U.weight, text.V.weight, text.C, lam)
     i_upd = lambda x, lam: cp_update(x, image.U.weight, image.V.weight, image.C, lam)
-    ex = qf.embed_out[0]
-    x = qf.norm(qf.query.expand(img.shape[0], -1, -1))
+    ex, Q = qf.embed_out[0], qf.query.shape[1]
+    x = qf.query.expand(img.shape[0], -1, -1)
+    if instruction is not None:  # BertEmbeddings: word + absolute position embeddings after the queries
+        x = torch.cat([x, qf.word(instruction) + qf.word_pos(torch.arange(instruction.shape[1]))], 1)
+    x = qf.norm(x)
     x = 0.6 * x + 0.4 * sum(F.linear(F.linear(x, a.weight, a.bias), b.weight, b.bias)
                             for a, b in zip(ex.petal_down, ex.petal_up)) / len(ex.petal_down)
     for layer in qf.layers:
         a = official_attention(layer.attn, x, x, t_upd, t_upd)
         ss = layer.side[0]
         residual = 0.1 * (a * ss.petal_scale + ss.petal_shift)
-        q = a
+        q = a[:, :Q]
         if layer.xattn is not None:
-            c = official_attention(layer.xattn, a, img, t_upd, i_upd)
-            c[:, 0, :] += 0.1 * (torch.sum(a[:, 0, :], dim=0) / a.shape[0])
+            c = official_attention(layer.xattn, q, img, t_upd, i_upd)
+            c[:, 0, :] += 0.1 * (torch.sum(q[:, 0, :], dim=0) / q.shape[0])
             q = c
         x = layer.norm(F.linear(F.gelu(F.linear(q, layer.fc1.weight, layer.fc1.bias)), layer.fc2.weight, layer.fc2.bias) + q)
+        if a.shape[1] > Q:  # the instruction through the text FFN (intermediate / output)
+            t = a[:, Q:]
+            t = layer.text_norm(F.linear(F.gelu(F.linear(t, layer.text_fc1.weight, layer.text_fc1.bias)),
+                                         layer.text_fc2.weight, layer.text_fc2.bias) + t)
+            x = torch.cat([x, t], 1)
         x = x + residual
-    return x
+    return x[:, :Q]
 
 
 @pytest.fixture
 def petal_qformer():
     torch.manual_seed(0)
     vlm = nn.Module()
-    vlm.fusion = QFormerFusion(48, 64, dim=32, n_layers=3, n_heads=4, n_queries=6, mlp_dim=64)
+    vlm.fusion = QFormerFusion(48, 64, dim=32, n_layers=3, n_heads=4, n_queries=6, mlp_dim=64, text_vocab=50)
     patterns = peft.apply_petal(vlm, rank=8, expert_rank=4)
     return vlm, patterns
 
@@ -270,9 +280,10 @@ def test_petal_qformer_equals_the_official_arithmetic(petal_qformer):
         nn.init.normal_(f.V.weight, std=0.3)
     for layer in qf.layers:
         nn.init.normal_(layer.side[0].petal_scale), nn.init.normal_(layer.side[0].petal_shift)
-    img = torch.randn(3, 9, 48)
+    img, instruction = torch.randn(3, 9, 48), torch.randint(0, 50, (3, 5))
     with torch.no_grad():
         ours, ref = qf(img), official_petal_qformer(qf, img)
+        assert rel_err(qf(img, instruction), official_petal_qformer(qf, img, instruction)) < TOL  # InstructBLIP's
         qf.petal_factors['image'].V.weight.zero_()
         assert rel_err(qf(img), ours) > 1e-3  # the image-side factors reach the cross-attention keys / values
     assert rel_err(ours, ref) < TOL
