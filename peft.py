@@ -149,7 +149,8 @@ def apply_clip_adapter(model, *, reduction=4, ratio=0.2):
     if reduction < 1 or dim % reduction:
         raise ValueError(f"clip_adapter_reduction={reduction} must divide the tower width {dim}")
     ref = next(model.vision.parameters())
-    model.feature_adapters['clip_adapter'] = CLIPAdapter(dim, reduction=reduction, ratio=ratio).to(ref.device, ref.dtype)
+    adapter = CLIPAdapter(dim, reduction=reduction, ratio=ratio)
+    model.feature_adapters['clip_adapter'] = adapter.to(ref.device, ref.dtype)
     return ('feature_adapters.clip_adapter.',)
 
 # Deviations from the reference code: the width follows the tower (the official code hard-codes RN50's 1024).
@@ -484,17 +485,18 @@ def names(cfg):
 def apply(model, cfg):
     """Apply the config's PEFT methods to a VLM; returns {method: parameter-name patterns that train by default}."""
     trains = {}
+    vision_blocks = cfg.get('vision_layer', -1) % (len(model.vision.blocks) + 1)  # the tower blocks the VLM runs
     for name in names(cfg):
         own = {k[len(name) + 1:]: v for k, v in cfg.items() if k.startswith(name + '_')}
         if name == 'lora':
             apply_lora(model.lm, **own)
             trains[name] = ('lora_',)
         elif name == 'adapters':
-            trains[name] = apply_adapters(model, vision_blocks=cfg['vision_layer'] % (len(model.vision.blocks) + 1), **own)
+            trains[name] = apply_adapters(model, vision_blocks=vision_blocks, **own)
         elif name == 'clip_adapter':
             trains[name] = apply_clip_adapter(model, **own)
         elif name == 'maple':
-            trains[name] = apply_maple(model, vision_blocks=cfg['vision_layer'] % (len(model.vision.blocks) + 1), **own)
+            trains[name] = apply_maple(model, vision_blocks=vision_blocks, **own)
         elif name == 'head':
             trains[name] = apply_head_tuning(model, **own)
         elif name == 'petal':

@@ -53,7 +53,8 @@ wandb_run_name = 'run'
 init_vision = 'checkpoints/dinov2-small-imgfocus'  # hub id or folder (python convert.py makes this one)
 init_lm = 'checkpoints/SmolLM2-135M-Instruct'
 fusion = 'llava'             # 'llava' | 'qformer' | 'flamingo' | 'mmca' | 'adem' | 'lavin' (fusion.py)
-peft = ''                    # '' | 'lora' | 'adapters' | 'clip_adapter' | 'maple' | 'head' | 'petal' (peft.py); several joined by '+'
+peft = ''                    # '' | 'lora' | 'adapters' | 'clip_adapter' | 'maple' | 'head' | 'petal' (peft.py); several
+                             # joined by '+'
 vision_layer = -1            # HF hidden_states index of the tower's output (-2: LLaVA's penultimate layer)
 vision_norm = True           # apply the tower's final LayerNorm (DINOv2 last_hidden_state)
 vision_feature = 'patch'     # projector input (LLaVA's select_feature): 'patch' (no CLS) | 'cls_patch' | 'cls' (CLS alone)
