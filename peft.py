@@ -329,7 +329,7 @@ class PETALScaleShift(nn.Module):
         self.petal_shift = nn.Parameter(torch.empty(dim).normal_(std=2e-4))
 
     def forward(self, a, ctx=None):
-        return 0.1 * (a * self.petal_scale + self.petal_shift)
+        return (0.1 * (a * self.petal_scale + self.petal_shift)).to(a.dtype)  # float32 parameters, bf16 activations
 
 
 class PETALExperts(nn.Module):

@@ -453,3 +453,14 @@ def test_petal_information_bottleneck_term(tiny):
     assert ib.petal_info.grad is not None and rel_err(ib.petal_info.grad, ref) < 1e-4  # d loss / d para_info = the term
     with pytest.raises(ValueError, match="petal_ib=True needs petal_target='qformer'"):
         build_vlm(cfg_for(tiny, method='petal', petal_target='lm', petal_ib=True))
+
+
+def test_petal_in_a_bfloat16_frozen_qformer(tiny, shapes_json, tmp_path, monkeypatch):
+    """dtype='bfloat16': the frozen Q-Former is stored in bf16, PETAL's parameters in float32; its residual returns
+    the activations' dtype, so the Q-Former's LayerNorms never see float32 inputs against bf16 weights (on CPU
+    that is an error)."""
+    from test_train import base_args, losses, train
+    train(monkeypatch, *base_args(tiny, shapes_json, tmp_path, fusion='qformer', peft='petal', lora_r=None,
+                                  trainable='()', max_iters=2, eval_interval=2, dtype='bfloat16', qformer_dim=32,
+                                  qformer_layers=2, qformer_heads=4, qformer_queries=4, petal_rank=4))
+    assert len(losses(tmp_path)) == 2
