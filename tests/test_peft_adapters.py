@@ -464,3 +464,24 @@ def test_petal_in_a_bfloat16_frozen_qformer(tiny, shapes_json, tmp_path, monkeyp
                                   trainable='()', max_iters=2, eval_interval=2, dtype='bfloat16', qformer_dim=32,
                                   qformer_layers=2, qformer_heads=4, qformer_queries=4, petal_rank=4))
     assert len(losses(tmp_path)) == 2
+
+
+def test_counts_at_llava_7b_shapes():
+    """CLIP ViT-L/14 + LLaMA-7B (4096 wide, 32 blocks, FFN 11008) on the meta device, each method's own set:
+    adapters d/8 after o and down: 64 x (4096*512 + 512 + 512*4096 + 4096) + the 65 RMSNorms; CLIP-Adapter
+    2 x 1024*256; MaPLe (J=9, 2 tokens) 9*2*4096 + 9 x (4096*1024 + 1024); head tuning the last gate 4096*11008;
+    PETAL on the LM: one factor set 2 x 4096*64 + 64^3, 96 mode vectors, 32 x 2 x 4096 scale / shift, 6 experts."""
+    from fusion import LLaVAProjector
+    from model import VLM, Decoder, LMConfig, ViT, ViTConfig
+    clip_l = ViTConfig(kind='clip', image_size=224, patch_size=14, dim=1024, n_layers=24, n_heads=16, mlp_dim=4096)
+    want = {'adapters': 64 * (4096 * 512 + 512 + 512 * 4096 + 4096) + 65 * 4096, 'clip_adapter': 2 * 1024 * 256,
+            'maple': 9 * 2 * 4096 + 9 * (4096 * 1024 + 1024), 'head': 4096 * 11008,
+            'petal': 2 * 4096 * 64 + 64 ** 3 + 96 * 64 + 32 * 2 * 4096 + 6 * (4096 * 64 + 64 + 64 * 4096 + 4096)}
+    got = {}
+    for method in want:
+        with torch.device('meta'):
+            model = VLM(ViT(clip_l), Decoder(LMConfig()), LLaVAProjector(1024, 4096), vision_layer=-2)
+            patterns = peft.apply(model, dict(peft=method, vision_layer=-2))[method]
+        got[method] = peft.mark_trainable(model, patterns)
+    assert got == want
+    print('\nat CLIP-L + LLaMA-7B: ' + ', '.join(f'{m} {n:,}' for m, n in got.items()))
