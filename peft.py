@@ -127,10 +127,6 @@ def apply_adapters(model, *, reduction=8, vision=False, vision_blocks=None):
 # clip_adapter.py (Adapter: Linear -> ReLU -> Linear -> ReLU, no biases, reduction 4; ratio 0.2).
 #
 #   f' = ratio * ReLU(W2 ReLU(W1 f)) + (1 - ratio) * f        on every visual token, before the fusion
-#
-# An adaptation to generative VLMs: CLIP-Adapter adapts CLIP's pooled image embedding for cosine classification
-# against class-name prompts; here it adapts each token the tower hands the fusion (VLM.feature_adapters, after
-# the feature cache, so the frozen tower's features are still computed once), and the LM's loss trains it.
 
 
 class CLIPAdapter(nn.Module):
@@ -145,6 +141,10 @@ class CLIPAdapter(nn.Module):
 
 
 def apply_clip_adapter(model, *, reduction=4, ratio=0.2):
+    """An adaptation to generative VLMs: CLIP-Adapter adapts CLIP's pooled image embedding for cosine
+    classification against class-name prompts; here it adapts every token the tower hands the fusion
+    (VLM.feature_adapters, after the feature cache, so the frozen tower's features are still computed once), and
+    the LM's next-token loss trains it."""
     dim = model.vision.cfg.dim
     if reduction < 1 or dim % reduction:
         raise ValueError(f"clip_adapter_reduction={reduction} must divide the tower width {dim}")
@@ -162,12 +162,6 @@ def apply_clip_adapter(model, *, reduction=4, ratio=0.2):
 #
 #   layer i < J:  LM      [prefix | P_i (n_ctx, d) | text]          P_0 enters as input tokens, P_i replaces the
 #                 tower   [CLS | patches | Linear_i(P_i) (n_ctx, Dv)]  previous layer's prompts (i = 1 .. J-1)
-#
-# MaPLe tunes CLIP for classification: the language prompts sit in the *text encoder* among class-name tokens, and
-# only the pooled CLS embeddings meet (cosine logits). In a generative VLM there is no text encoder: the language
-# prompts go into the LLM (VLM.prompts, before the text, like prompt tuning) with deep replacements in its first J
-# layers, the coupled vision prompts into the first J tower layers, and the prompts' tower outputs are dropped so
-# the fusion sees the tower's usual tokens; the LM's next-token loss trains both sides.
 
 
 class MaPLePrompts(nn.Module):
@@ -227,7 +221,13 @@ class MaPLeDeepPrompt(MaPLeInputPrompt):
 
 
 def apply_maple(model, *, n_ctx=2, depth=9, vision_blocks=None):
-    """MaPLe's prompts in the first `depth` LM and tower layers (the official depth 9, 2 context tokens)."""
+    """MaPLe's prompts in the first `depth` LM and tower layers (the official depth 9, 2 context tokens).
+    The generative adaptation: MaPLe tunes CLIP for classification, its language prompts in the *text encoder*
+    among class-name tokens, and only the pooled embeddings meet (cosine logits). A generative VLM has no text
+    encoder: the language prompts go into the LLM (VLM.prompts, before the text, like prompt tuning) with deep
+    replacements in its first J layers, the coupled vision prompts into the first J tower layers, their tower
+    outputs are dropped so that the fusion sees the tower's usual tokens, and the LM's next-token loss trains both
+    sides."""
     n_vis = len(model.vision.blocks) if vision_blocks is None else vision_blocks
     if not 1 <= depth <= min(len(model.lm.blocks), n_vis):
         raise ValueError(f"maple_depth={depth} must be between 1 and the layers both run: {len(model.lm.blocks)} in "
