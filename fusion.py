@@ -18,6 +18,9 @@ The hooks a fusion may use (model.py knows nothing else about fusion methods):
                                       on the normed attention input (LaVIN); ffn_side: out += f(h, ctx) beside
                                       the FFN (ADEM-VL); attn.__class__: a subclass overriding `attend` (MMCA, LaVIN)
   ViTBlock seams (model.py)           attn_in: a <- f(a) (LaVIN); adapters: x += f(h) beside the MLP (ADEM-VL)
+  Q-Former seams (for PEFT methods)   QFormer.embed_out: x <- f(x) on the embeddings; QFormerLayer.xattn_out:
+                                      q <- f(q, q_in) after the cross-attention; QFormerLayer.side: out += f(a), a the
+                                      self-attention output (peft.py's PETAL)
 Empty seams add no parameters, no state-dict keys and no cost: the plain tower and LM load HF weights unchanged.
 """
 
@@ -144,17 +147,24 @@ class QFormerLayer(nn.Module):
         if text_ffn:
             self.text_fc1, self.text_fc2 = nn.Linear(dim, mlp_dim), nn.Linear(mlp_dim, dim)
             self.text_norm = nn.LayerNorm(dim, eps=eps)
+        # seams for PEFT methods (peft.py's PETAL), empty by default
+        self.xattn_out = nn.ModuleList()  # q <- f(q, q_in) after the cross-attention, q_in its input
+        self.side = nn.ModuleList()       # out <- out + f(a), a the self-attention sub-layer's output
 
     def forward(self, x, img, p=0.0, n_queries=None, mask=None):
-        x = self.attn(x, p=p, mask=mask)
-        q, t = x[:, :n_queries], x[:, n_queries:]  # (B, Q, dim), (B, L, dim) the instruction (L = 0 without one)
+        a = self.attn(x, p=p, mask=mask)
+        q, t = a[:, :n_queries], a[:, n_queries:]  # (B, Q, dim), (B, L, dim) the instruction (L = 0 without one)
         if self.xattn is not None:
-            q = self.xattn(q, img, p=p)
-        q = self.norm(q + F.dropout(self.fc2(F.gelu(self.fc1(q))), p, self.training))
-        if t.shape[1] == 0:
-            return q
-        t = self.text_norm(t + F.dropout(self.text_fc2(F.gelu(self.text_fc1(t))), p, self.training))
-        return torch.cat([q, t], dim=1)  # (B, Q + L, dim)
+            q_in, q = q, self.xattn(q, img, p=p)
+            for f in self.xattn_out:
+                q = f(q, q_in)
+        out = self.norm(q + F.dropout(self.fc2(F.gelu(self.fc1(q))), p, self.training))
+        if t.shape[1]:
+            t = self.text_norm(t + F.dropout(self.text_fc2(F.gelu(self.text_fc1(t))), p, self.training))
+            out = torch.cat([out, t], dim=1)  # (B, Q + L, dim)
+        for f in self.side:
+            out = out + f(a)
+        return out
 
 
 class QFormer(nn.Module):
@@ -178,6 +188,7 @@ class QFormer(nn.Module):
         self.layers = nn.ModuleList(
             QFormerLayer(dim, n_heads, mlp_dim or 4 * dim, vis_dim=vis_dim if i % cross_attention_freq == 0 else None,
                          eps=eps, text_ffn=bool(text_vocab)) for i in range(n_layers))
+        self.embed_out = nn.ModuleList()  # PEFT seam, empty by default: x <- f(x) on the embeddings (PETAL's experts)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -209,6 +220,8 @@ class QFormer(nn.Module):
             if text_mask is not None:  # keys: every query, the instruction's real tokens
                 mask = F.pad(text_mask.bool(), (Q, 0), value=True)[:, None, None, :]  # (B, 1, 1, Q + L)
         x = F.dropout(self.norm(x), p, train)
+        for f in self.embed_out:
+            x = f(x)
         for layer in self.layers:
             x = layer(x, img, p, Q, mask)
         return x[:, :Q]  # (B, Q, dim)
@@ -1021,8 +1034,9 @@ def build_vlm(cfg, dtype=torch.float32, device='cpu'):
         raise ValueError(f"unknown fusion {name!r}; one of: {', '.join(FUSIONS)}")
     model = VLM(vision, lm, fusion.to(device=device, dtype=dtype), vision_layer=cfg['vision_layer'],
                 vision_norm=cfg['vision_norm'])
-    defaults = {f"fusion {name!r}": type(fusion).trainable,  # method -> the patterns that train by default
-                **{f"peft {m!r}": ps for m, ps in peft.apply(model, cfg).items()}}
+    tuned = peft.apply(model, cfg)  # a PEFT method that tunes the fusion itself may narrow fusion.trainable
+    defaults = {f"fusion {name!r}": fusion.trainable,  # method -> the patterns that train by default
+                **{f"peft {m!r}": ps for m, ps in tuned.items()}}
     patterns = tuple(cfg.get('trainable') or ()) or tuple(p for ps in defaults.values() for p in ps)
     peft.mark_trainable(model, patterns)
     for method, ps in defaults.items():  # a method whose every parameter is frozen cannot learn: an error

@@ -1012,13 +1012,18 @@ class VLM(nn.Module):
     A seam for PEFT methods, empty by default: `prompts`, modules called as f(B) -> (B, N, d), whose tokens go
     after the fusion's prefix and before the text (peft.py's prompt tuning); like the prefix they carry no label
     and no output. With such prompts the fusion sees the ids of the whole sequence, the prefix positions as
-    ordinary text (id 0), so that its media (Flamingo's image index, MMCA's token types) line up with the embeddings."""
+    ordinary text (id 0), so that its media (Flamingo's image index, MMCA's token types) line up with the embeddings.
+    Another, `feature_adapters`: modules called as feats <- f(feats) on the tower's features (B, N, Dv) before the
+    fusion, after the feature cache (peft.py's CLIP-Adapter); and `aux_losses`, modules called as f(labels) -> a
+    scalar that forward(labels=) adds to the loss (peft.py's PETAL information bottleneck)."""
 
     def __init__(self, vision: ViT, lm: Decoder, fusion: nn.Module, *, vision_layer=-1, vision_norm=False):
         super().__init__()
         self.vision, self.lm, self.fusion = vision, lm, fusion
         self.vision_layer, self.vision_norm = vision_layer, vision_norm
         self.prompts = nn.ModuleDict()  # PEFT seam: method name -> f(B) -> (B, N, d) (prompt tuning)
+        self.feature_adapters = nn.ModuleDict()  # PEFT seam: method name -> feats <- f(feats) before the fusion
+        self.aux_losses = nn.ModuleDict()  # PEFT seam: method name -> f(labels) -> a term added to the loss
 
     def image_features(self, pixels):
         """(B, 3, H, W) -> (B, N, Dv), or (B, M, 3, H, W) -> (B, M, N, Dv); without autograd when no tower
@@ -1038,6 +1043,8 @@ class VLM(nn.Module):
         if feats is not None and feats.dim() == 4:  # (B, M, N, Dv) -> (B*M, N, Dv): image j of row b at b*M + j
             feats = feats.flatten(0, 1)
             has_image = has_image.flatten() if has_image is not None else None
+        for f in self.feature_adapters.values() if feats is not None else ():  # (B, N, Dv) -> (B, N, Dv)
+            feats = f(feats)
         if has_image is None:
             n = feats.shape[0] if feats is not None else ids.shape[0]
             has_image = torch.full((n,), feats is not None, dtype=torch.bool, device=ids.device)
@@ -1077,7 +1084,7 @@ class VLM(nn.Module):
         keep = tgt != IGNORE_INDEX
         logits = self.lm.logits(h[:, :-1][keep]).float()  # (n_labelled, V)
         n = n_norm if n_norm is not None else keep.sum().clamp(min=1)
-        return F.cross_entropy(logits, tgt[keep], reduction='sum') / n
+        return F.cross_entropy(logits, tgt[keep], reduction='sum') / n + sum(f(labels) for f in self.aux_losses.values())
 
     @torch.inference_mode()
     def generate(self, ids, *, pad_mask=None, pixels=None, feats=None, has_image=None, **kw):

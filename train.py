@@ -53,8 +53,9 @@ wandb_run_name = 'run'
 init_vision = 'checkpoints/dinov2-small-imgfocus'  # hub id or folder (python convert.py makes this one)
 init_lm = 'checkpoints/SmolLM2-135M-Instruct'
 fusion = 'llava'             # 'llava' | 'qformer' | 'flamingo' | 'mmca' | 'adem' | 'lavin' (fusion.py)
-peft = ''                    # '' | 'lora' | 'ia3' | 'prompt_tuning' | 'llama_adapter' | 'bias_scale' (peft.py); several
-                             # joined by '+' ('bias_scale+lora': LLaMA-Adapter v2's fine-tuning with its LoRA)
+peft = ''                    # '' | 'lora' | 'ia3' | 'prompt_tuning' | 'llama_adapter' | 'bias_scale' | 'adapters'
+                             # | 'clip_adapter' | 'maple' | 'head' | 'petal' (peft.py); several joined by '+'
+                             # ('bias_scale+lora': LLaMA-Adapter v2's fine-tuning with its LoRA)
 vision_layer = -1            # HF hidden_states index of the tower's output (-2: LLaVA's penultimate layer)
 vision_norm = True           # apply the tower's final LayerNorm (DINOv2 last_hidden_state)
 vision_feature = 'patch'     # projector input (LLaVA's select_feature): 'patch' (no CLS) | 'cls_patch' | 'cls' (CLS alone)
@@ -79,6 +80,26 @@ llama_adapter_tokens = 10    # prompt tokens per layer (official adapter_len)
 llama_adapter_start = 2      # the first adapted block: all but the first 2 (official: top 30 of LLaMA-7B's 32)
 # bias / scale tuning (peft = 'bias_scale'; LLaMA-Adapter v2's fine-tuning: + the LM's norms)
 bias_scale_targets = ('q', 'o', 'gate', 'up', 'down')  # wq, wo, w1, w3, w2
+# Bottleneck adapters (peft = 'adapters'; VL-Adapter)
+adapters_reduction = 8       # bottleneck width = the LM's (tower's) width / this
+adapters_vision = False      # also adapters in the tower's blocks (and its LayerNorms train)
+# CLIP-Adapter (peft = 'clip_adapter'): residual MLP on every visual token before the fusion
+clip_adapter_reduction = 4
+clip_adapter_ratio = 0.2     # f' = ratio * MLP(f) + (1 - ratio) * f
+# MaPLe (peft = 'maple'): coupled language / vision prompts in the first maple_depth LM and tower layers
+maple_n_ctx = 2
+maple_depth = 9
+# head tuning (peft = 'head'; PETAL's baseline): the first FFN linear of the target's last layer
+head_target = 'auto'         # 'auto' (the Q-Former if the fusion has one, else the LM) | 'qformer' | 'lm'
+# PETAL (peft = 'petal'): mode approximation on q / k / v, per-layer scale / shift, 6 embedding experts
+petal_target = 'auto'        # 'auto' (the Q-Former if the fusion has one, else the LM) | 'qformer' (the paper) | 'lm'
+                             # (the LM's attention: our extension)
+petal_rank = 64              # R: U (d -> R), V (R -> d), core C (R x R x R)
+petal_dropout = 0.1          # on U x
+petal_experts = 6
+petal_expert_rank = 64
+petal_batch_context = True   # the released code's cross-attention quirk (query 0 += 0.1 x the batch mean)
+petal_ib = False             # + PETAL's information-bottleneck term (the authors' unreleased variant; peft.py)
 # LLaVA-1.5 (fusion = 'llava')
 llava_init = ''               # a llava-hf checkpoint (hub id / folder) whose projector loads ('' = a new one)
 # DS-VisualChat (fusion = 'mmca')

@@ -28,12 +28,16 @@ FUSION_KEYS = {
     'qformer': dict(qformer_dim=32, qformer_layers=2, qformer_heads=4, qformer_queries=4),
     'adem': dict(adem_scales=(16, 4), adem_hidden=8, adem_adapter_dim=4),
 }
-PEFT_KEYS = {
+PEFT_KEYS = {  # small settings for the 2-layer tiny LM
     'lora': dict(lora_r=2, lora_alpha=4),
+    'prompt_tuning': dict(prompt_tuning_tokens=4),
+    'llama_adapter': dict(llama_adapter_tokens=4, llama_adapter_start=1),
+    'maple': dict(maple_depth=2),
+    'petal': dict(petal_rank=4, petal_expert_rank=4),
 }
-# (fusion, peft) -> regex of the error a pair that makes no sense gives (e.g. head tuning of a Q-Former in a fusion
-# without one); none so far
-INVALID = {}
+# (fusion, peft) -> regex of the error a pair that makes no sense gives (head tuning / PETAL of a Q-Former in a fusion
+# without one: only with an explicit head_target / petal_target='qformer', tested in tests/test_peft_adapters.py)
+INVALID = {('lavin', 'maple'): "LaVIN reads the tower its own way"}
 # (fusion, peft) -> {name pattern: why it may get no gradient in three steps}; checked to be exactly these
 NO_GRAD = {}
 
@@ -61,7 +65,7 @@ def losses(out):
 
 def declared(model, cfg):
     """Parameter names the pair's methods train by default: the fusion's patterns and peft.apply's."""
-    patterns = list(type(model.fusion).trainable)
+    patterns = list(model.fusion.trainable)  # as the PEFT methods left it (head / PETAL on a Q-Former narrow it)
     patterns += [s for m in peft.names(cfg) for s in PATTERNS[m]]
     return {n for n, _ in model.named_parameters() if any(s in n for s in patterns)}
 
