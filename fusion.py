@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from model import IMAGE_TOKEN, Attention, Decoder, ViT, VLM, load_weights, read_config, resolve, run_block
 import peft
+from t5 import T5
 
 # -----------------------------------------------------------------------------
 # LLaVA-1.5 MLP projector
@@ -323,9 +324,10 @@ def load_blip2(fusion, name_or_path, *, projection=False, dtype=torch.float32, d
     return fusion
 
 
-def build_qformer(vis_dim, lm_dim, *, init='', dim=768, layers=12, heads=12, queries=32):
+def build_qformer(vis_dim, lm_dim, *, init='', dim=768, layers=12, heads=12, queries=32, projection=False):
     """QFormerFusion for the qformer_* keys: a new one of these sizes, or with `init` (qformer_init) a Blip2
-    checkpoint's, whose sizes must agree with them, with its weights loaded."""
+    checkpoint's, whose sizes must agree with them, with its weights loaded; projection=True also loads its
+    language_projection (build_vlm: when the LM is that checkpoint's own, init_lm == qformer_init)."""
     size = dict(dim=dim, n_layers=layers, n_heads=heads, n_queries=queries)
     if not init:
         return QFormerFusion(vis_dim, lm_dim, **size)
@@ -338,7 +340,7 @@ def build_qformer(vis_dim, lm_dim, *, init='', dim=768, layers=12, heads=12, que
         raise ValueError(f"qformer_init {init} cross-attends to {kw['vis_dim']}-wide image features (1408: EVA "
                          f"ViT-g), but the tower (init_vision) is {vis_dim} wide; a pretrained Q-Former needs a tower "
                          f"of its width (or leave qformer_init empty)")
-    return load_blip2(QFormerFusion(lm_dim=lm_dim, **kw), init)
+    return load_blip2(QFormerFusion(lm_dim=lm_dim, **kw), init, projection=projection)
 
 # -----------------------------------------------------------------------------
 # Perceiver Resampler (Flamingo's; Jaegle et al. 2021's Perceiver cross-attention with learned latents)
@@ -997,18 +999,32 @@ def arch_keys(cfg):
     return [k for k in cfg if k in MODEL_KEYS or method_of(k) in chosen]
 
 
+def is_encoder_decoder(name_or_path):
+    """Whether a checkpoint's language model is an encoder-decoder (T5; also nested as an InstructBLIP /
+    BLIP-2 text_config): its config.json decides, as transformers' is_encoder_decoder."""
+    d = read_config(resolve(name_or_path))
+    return d.get('model_type') == 't5' or (d.get('text_config') or {}).get('model_type') == 't5'
+
+
 def build_vlm(cfg, dtype=torch.float32, device='cpu'):
     """cfg keys: init_vision, init_lm (hub id or folder), fusion (one of FUSIONS), peft ('' | 'lora' | ..., see
     peft.apply), vision_layer, vision_norm, vision_feature, trainable (name patterns; () = the methods'
     defaults), and the chosen methods' own prefixed keys (train.py's globals document them)."""
     vision = ViT.from_pretrained(cfg['init_vision'], dtype=dtype, device=device)
-    lm = Decoder.from_pretrained(cfg['init_lm'], dtype=dtype, device=device)
     name, own = cfg['fusion'], method_keys(cfg, cfg['fusion'])
+    if is_encoder_decoder(cfg['init_lm']):  # T5 / FlanT5, or InstructBLIP-FlanT5's language_model
+        if name not in ('qformer', 'llava'):
+            raise ValueError(f"fusion {name!r} works inside a decoder-only LM's layers, but init_lm {cfg['init_lm']} is "
+                             f"an encoder-decoder LM (T5): use an input-level fusion, 'qformer' or 'llava'")
+        lm = T5.from_pretrained(cfg['init_lm'], dtype=dtype, device=device)
+    else:
+        lm = Decoder.from_pretrained(cfg['init_lm'], dtype=dtype, device=device)
     select = cfg.get('vision_feature', 'patch') if vision.cfg.cls_token else 'cls_patch'  # SigLIP: no CLS token
     if name == 'llava':
         fusion = build_llava(vision, lm, select=select, **own)
-    elif name == 'qformer':
-        fusion = build_qformer(vision.cfg.dim, lm.cfg.dim, **own)
+    elif name == 'qformer':  # an InstructBLIP / BLIP-2 checkpoint that is also init_lm brings its LM's projection
+        fusion = build_qformer(vision.cfg.dim, lm.cfg.dim, projection=bool(own.get('init')) and
+                               own.get('init') == cfg['init_lm'], **own)
     elif name == 'flamingo':
         fusion = attach_flamingo(vision, lm, **own)
     elif name == 'mmca':
