@@ -202,6 +202,9 @@ class Tokenizer:
 #   turns exactly train_utils.py's MMC4 labels. The eos OpenFlamingo appends after the last chunk is left out
 #   ("<|endofchunk|>" is eos here). After a text prompt ("<image>\nQ") the answer starts with a labelled
 #   space, so that words do not merge across the boundary.
+# - t5: encoder-decoder LMs (InstructBLIP-FlanT5, LAVIS blip2_t5_instruct.py): the prompt + EOS (the encoder's
+#   input: T5's tokenizer appends EOS to every text), then a labelled space + the answer + EOS (the decoder's
+#   targets); model.VLM.encdec_forward splits the two at the first label. One turn only.
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -297,6 +300,16 @@ def base(messages, system=None, add_generation_prompt=False, eos="</s>"):
     return [(text, False) if role == "user" else (text + eos, True) for role, text in messages]
 
 
+def t5(messages, system=None, add_generation_prompt=False, eos="</s>"):
+    system, messages = _turns(messages, system)
+    if system is not None:
+        raise ValueError("the 't5' template has no system prompt")
+    if len(messages) > 2:
+        raise ValueError("the 't5' template (encoder-decoder LMs) takes one user turn and one answer")
+    return [(text + eos, False) if role == "user" else (("" if text[:1].isspace() else " ") + text + eos, True)
+            for role, text in messages]
+
+
 def flamingo(messages, system=None, add_generation_prompt=False):
     system, messages = _turns(messages, system)
     if system is not None:
@@ -320,6 +333,7 @@ TEMPLATES = {
     "plain": plain,
     "base": base,
     "flamingo": flamingo,
+    "t5": t5,
 }
 
 
@@ -331,7 +345,7 @@ def _template(name):
 
 def template_pieces(template, messages, system=None, add_generation_prompt=False, eos=None):
     """eos: the tokenizer's EOS token text, which the 'base' template ends answers with (default "</s>")."""
-    kw = {"eos": eos} if template == "base" and eos is not None else {}
+    kw = {"eos": eos} if template in ("base", "t5") and eos is not None else {}
     return _template(template)(messages, system=system, add_generation_prompt=add_generation_prompt, **kw)
 
 
@@ -354,6 +368,8 @@ def pick_template(tok, name=None):
         return "llama2"
     if model_type == "qwen2":
         return "qwen2"
+    if model_type == "t5":
+        return "t5"
     if model_type in ("llama", "llava") and not jinja:  # Vicuna ships no chat_template; LLaVA-1.5's default
         return "vicuna_v1"
     raise ValueError(f"{tok.folder}: cannot tell the chat template (model_type={model_type!r}); "
@@ -466,6 +482,7 @@ TOWER_DEFAULTS = {
     "clip": dict(resize="crop", size=224, crop_size=224, mean=CLIP_MEAN, std=CLIP_STD, resample=3),
     "dinov2": dict(resize="crop", size=256, crop_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=3),
     "siglip": dict(resize="squash", size=224, crop_size=224, mean=(0.5,) * 3, std=(0.5,) * 3, resample=3),
+    "eva": dict(resize="squash", size=224, crop_size=224, mean=CLIP_MEAN, std=CLIP_STD, resample=3),  # BlipImageProcessor
 }  # resample: PIL code, 3 = BICUBIC
 # (mean, std) by name, for image_config(mean=, std=) overrides (train.py's image_norm)
 IMAGE_NORMS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
