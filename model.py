@@ -787,7 +787,8 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 
 
 LM_IGNORE = ('rotary_emb.inv_freq', 'vision_tower.', 'model.vision_tower.', 'vision_model.',
-             'multi_modal_projector.', 'model.multi_modal_projector.')
+             'multi_modal_projector.', 'model.multi_modal_projector.',
+             'qformer.', 'query_tokens', 'language_projection.')  # BLIP-2 / InstructBLIP-Vicuna saves: the fusion's
 
 
 def lm_key_map(cfg: LMConfig):

@@ -162,6 +162,42 @@ def test_t5_beam_search_equals_transformers(tmp_path, early_stopping):
             return row[:row.index(1) + 1] if 1 in row else row
         assert [cut(r) for r in got.tolist()] == [cut(r) for r in want.tolist()], (K, lp)
 
+
+def test_instructblip_vicuna_logits_and_generation_equal_transformers(tmp_path):
+    """The Vicuna variant (a decoder-only LLaMA in the same checkpoint layout): build_vlm from one folder, logits
+    and greedy / beam tokens of a left-padded batch = InstructBlipForConditionalGeneration's."""
+    base = instructblip_t5_cfg()
+    llama = T.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = T.InstructBlipConfig(vision_config=base.vision_config.to_dict(), qformer_config=base.qformer_config.to_dict(),
+                               text_config=llama.to_dict(), num_query_tokens=Q, image_token_index=IMG_ID)
+    ref = randomize(T.InstructBlipForConditionalGeneration(cfg), std=0.1).eval()
+    ref.save_pretrained(tmp_path)
+    ours = build_vlm(vlm_cfg(tmp_path)).eval()
+    prompts, _, q_ids, q_mask, px = batch()
+    S = max(len(p) for p in prompts) + Q + 1
+    ids = torch.stack([torch.cat([torch.zeros(S - Q - 1 - len(p), dtype=torch.long), torch.full((Q,), IMG_ID),
+                                  torch.tensor([1]), p]) for p in prompts])  # [pad][queries][BOS] prompt
+    mask = torch.arange(S)[None] >= torch.tensor([S - Q - 1 - len(p) for p in prompts])[:, None]
+    ours_ids = ids.masked_fill(ids == IMG_ID, IMAGE_TOKEN)
+    fi = dict(qformer_ids=q_ids, qformer_mask=q_mask)
+    with torch.no_grad():
+        want = ref(pixel_values=px[:1], qformer_input_ids=q_ids[:1], qformer_attention_mask=q_mask[:1].long(),
+                   input_ids=ids[:1], attention_mask=mask[:1].long()).logits  # row 0 has no padding
+        got = ours(ours_ids[:1], pixels=px[:1], fusion_inputs=dict(qformer_ids=q_ids[:1], qformer_mask=q_mask[:1]))
+    assert rel_err(got, want) < TOL
+    for K in (1, 3):
+        want = ref.generate(pixel_values=px, qformer_input_ids=q_ids, qformer_attention_mask=q_mask.long(),
+                            input_ids=ids, attention_mask=mask.long(), max_new_tokens=6, do_sample=False, num_beams=K,
+                            eos_token_id=None if K == 1 else 2)[:, S:]
+        got = ours.generate(ours_ids, pad_mask=mask, pixels=px, fusion_inputs=fi, max_new_tokens=6, num_beams=K,
+                            stop_ids=[] if K == 1 else [2])
+
+        def cut(row):
+            return row[:row.index(2) + 1] if 2 in row else row
+        assert [cut(r) for r in got.tolist()] == [cut(r) for r in want.tolist()], K
+
 # -----------------------------------------------------------------------------
 # the data side: a T5-style SentencePiece tokenizer, the 't5' template, the split into encoder / decoder
 
