@@ -13,6 +13,9 @@ The hooks a fusion may use (model.py knows nothing else about fusion methods):
   fusion.image_features(vision, px)   optional: reads the tower its own way (LaVIN: the CLS of several blocks)
   fusion.prefix(has_image)            optional: (B, P, d) embeddings before every row (LaVIN's modality token)
   fusion.runs_without_images = True   optional: also called, with feats=None, for text-only batches (ADEM-VL)
+  fusion.instruction_tokenizer        optional: a folder with the fusion's own tokenizer.json; the data then tokenizes
+                                      each sample's instruction (its user text) in it, and the VLM passes
+                                      fusion(..., instruction_ids=, instruction_mask=) (B, L) (InstructBLIP's Q-Former)
   fusion.decay_patterns               optional: the parameter names weight decay applies to (Flamingo)
   decoder Block seams (model.py)      pre: x <- f(x, ctx) before the layer (Flamingo); attn_in: a <- f(a, ctx)
                                       on the normed attention input (LaVIN); ffn_side: out += f(h, ctx) beside
@@ -205,6 +208,9 @@ class QFormer(nn.Module):
         if text is not None:
             if not hasattr(self, 'word'):
                 raise ValueError("this Q-Former has no text embeddings (BLIP-2's): it takes no instruction tokens")
+            if text.shape[1] > self.word_pos.num_embeddings:
+                raise ValueError(f"instruction of {text.shape[1]} tokens > the Q-Former's {self.word_pos.num_embeddings} "
+                                 f"positions")
             pos = torch.arange(text.shape[1], device=text.device)  # the instruction's positions start at 0
             x = torch.cat([x, (self.word(text) + self.word_pos(pos)).to(x.dtype)], dim=1)  # (B, Q + L, dim)
             if text_mask is not None:  # keys: every query, the instruction's real tokens
@@ -222,6 +228,7 @@ class QFormerFusion(nn.Module):
     BLIP-2 recipe takes CLIP ViT-L/14 at vision_layer -2 without the final norm (LAVIS's clip_L)."""
 
     trainable = ('fusion.',)  # ln_vision, queries, Q-Former, proj (MiniGPT-4 deviates: trainable=('fusion.proj.',))
+    instruction_tokenizer = ''  # InstructBLIP: its checkpoint's qformer_tokenizer/ folder (build_qformer sets it)
 
     def __init__(self, vis_dim, lm_dim, *, dim=768, n_layers=12, n_heads=12, n_queries=32, mlp_dim=None,
                  cross_attention_freq=2, eps=1e-12, vis_eps=1e-5, dropout=0.1, text_vocab=0, text_positions=512):
@@ -235,18 +242,22 @@ class QFormerFusion(nn.Module):
     def n_tokens(self, n_vis):
         return self.qformer.query.shape[1]  # the queries, whatever the tower's token count
 
-    def forward(self, feats, *, has_image=None, ids=None, qformer_ids=None, qformer_mask=None):
-        """qformer_ids / qformer_mask (B, L): InstructBLIP's instruction in the Q-Former's vocabulary (None: BLIP-2)."""
-        return self.proj(self.qformer(self.ln_vision(feats), qformer_ids, qformer_mask)), {}  # (B, Q, d_LM)
+    def forward(self, feats, *, has_image=None, ids=None, instruction_ids=None, instruction_mask=None):
+        """instruction_ids / instruction_mask (B, L): InstructBLIP's instruction in the Q-Former's (BERT) vocabulary,
+        right-padded (None: BLIP-2, or an InstructBLIP Q-Former run on its queries alone)."""
+        return self.proj(self.qformer(self.ln_vision(feats), instruction_ids, instruction_mask)), {}  # (B, Q, d_LM)
 
 # Deviations from the reference code
 # - Left out for BLIP-2: the Q-Former's text branch (word / position embeddings, the text FFN, the MLM head) and
 #   the stage-1 losses that use it (ITC, ITM, ITG); stage 2 and MiniGPT-4 never give it text (blip2_opt.py and
 #   mini_gpt4.py set those modules to None). InstructBLIP (Dai et al. 2023, arXiv 2305.06500; LAVIS
 #   blip2_t5_instruct.py; parity reference transformers models/instructblip InstructBlipQFormerModel) keeps the
-#   embeddings and the text FFN for its instruction tokens (QFormer text_vocab, fusion(..., qformer_ids=,
-#   qformer_mask=)); the VLM does not yet hand them over from the data (no Q-Former tokenizer in data.py), so
-#   build_vlm runs an InstructBLIP Q-Former on the queries alone. Without qformer_init the Q-Former starts from BERT's init, not
+#   embeddings and the text FFN for its instruction tokens (QFormer text_vocab, fusion(..., instruction_ids=,
+#   instruction_mask=)): the data tokenizes each sample's user text (LAVIS's text_input, also the LM's prompt) with
+#   the checkpoint's qformer_tokenizer ([CLS] ... [SEP], at most 128 tokens as LAVIS's max_txt_len; data.
+#   instruction_inputs). With an encoder-decoder LM (InstructBLIP-FlanT5) the visual tokens and the prompt go to
+#   the T5 encoder and the answer to its decoder (model.VLM.encdec_forward). Without qformer_init the Q-Former
+#   starts from BERT's init, not
 #   bert-base + stage 1 (Salesforce/blip2-itm-vit-g is BLIP-2's stage-1 model): it needs more data.
 # - The queries come after BOS ([BOS][queries] prompt); BLIP-2 prepends them ([queries][BOS] caption).
 # - Every public BLIP-2 Q-Former cross-attends to 1408-wide EVA ViT-g features: init_vision = the same Blip2 /
@@ -340,7 +351,14 @@ def build_qformer(vis_dim, lm_dim, *, init='', dim=768, layers=12, heads=12, que
         raise ValueError(f"qformer_init {init} cross-attends to {kw['vis_dim']}-wide image features (1408: EVA "
                          f"ViT-g), but the tower (init_vision) is {vis_dim} wide; a pretrained Q-Former needs a tower "
                          f"of its width (or leave qformer_init empty)")
-    return load_blip2(QFormerFusion(lm_dim=lm_dim, **kw), init, projection=projection)
+    fusion = load_blip2(QFormerFusion(lm_dim=lm_dim, **kw), init, projection=projection)
+    if 'text_vocab' in kw:  # InstructBLIP: the instruction goes through its own BERT tokenizer
+        folder = resolve(init) / 'qformer_tokenizer'
+        if not (folder / 'tokenizer.json').is_file():
+            raise FileNotFoundError(f"qformer_init {init}: an InstructBLIP checkpoint needs qformer_tokenizer/"
+                                    f"tokenizer.json (the Q-Former's BERT tokenizer for the instruction), not in {folder}")
+        fusion.instruction_tokenizer = str(folder)
+    return fusion
 
 # -----------------------------------------------------------------------------
 # Perceiver Resampler (Flamingo's; Jaegle et al. 2021's Perceiver cross-attention with learned latents)

@@ -1030,7 +1030,7 @@ class VLM(nn.Module):
     def embed(self, ids, feats, has_image=None, fusion_inputs=None):
         """Token embeddings (B, P + T, d) with the visual tokens spliced in and the fusion's prefix (P tokens,
         usually none) in front, and the fusion's media. fusion_inputs: extra keyword arguments for the fusion
-        (InstructBLIP's qformer_ids / qformer_mask: the instruction in the Q-Former's vocabulary)."""
+        (InstructBLIP's instruction_ids / instruction_mask: the instruction in the Q-Former's vocabulary)."""
         x = self.lm.embed_tokens(ids.clamp(min=0))  # (B, T, d); placeholders embed as id 0, then overwritten
         if feats is not None and feats.dim() == 4:  # (B, M, N, Dv) -> (B*M, N, Dv): image j of row b at b*M + j
             feats = feats.flatten(0, 1)

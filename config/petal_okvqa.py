@@ -27,7 +27,7 @@
 # Deviations from the reference code (for the whole InstructBLIP-FlanT5 family of configs, config/petal_*.py):
 # - The Q-Former reads no instruction: train.py's batches carry no Q-Former (BERT) tokens yet, so the
 #   instruction-aware Q-Former runs on the queries alone (the model takes them: VLM(fusion_inputs=
-#   dict(qformer_ids=, qformer_mask=)), and equals transformers' InstructBLIP with them).
+#   dict(instruction_ids=, instruction_mask=)), and equals transformers' InstructBLIP with them).
 # - Generation has no min_len (min_len 1 here is a no-op; the caption recipes' 6 is not enforced); answers are
 #   not lemmatized before scoring (the yaml's apply_lemmatizer, spaCy); the target is the most frequent of the 10
 #   answers (LAVIS samples every answer with its weight).

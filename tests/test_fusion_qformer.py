@@ -107,7 +107,7 @@ def test_instructblip_fusion_parity_with_image_features(instructblip):
         want = ref.get_image_features(pixel_values=px, qformer_input_ids=ids, qformer_attention_mask=mask.long())
         want = want.pooler_output if hasattr(want, 'pooler_output') else want
         feats = ref.vision_model(pixel_values=px, output_hidden_states=True).hidden_states[-1]
-        got, _ = ours(feats, qformer_ids=ids, qformer_mask=mask)
+        got, _ = ours(feats, instruction_ids=ids, instruction_mask=mask)
     assert rel_err(got, want) < TOL
 
 

@@ -35,6 +35,24 @@ def instructblip_t5_cfg(vocab=VOCAB):
                                 text_config=lm.to_dict(), num_query_tokens=Q, image_token_index=IMG_ID)
 
 
+def qformer_tokenizer(folder):
+    """A WordPiece tokenizer laid out like bert-base-uncased's (InstructBLIP's qformer_tokenizer/: lower case,
+    [PAD] 0, [CLS] ... [SEP]), fewer than the tiny Q-Former's 99 words."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    tk = Tokenizer(models.WordPiece(unk_token='[UNK]'))
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.decoder = decoders.WordPiece()
+    corpus = [' '.join(T5_WORDS[i:] + T5_WORDS[:i]) + ' ? :' for i in range(len(T5_WORDS))] * 3
+    tk.train_from_iterator(corpus, trainers.WordPieceTrainer(
+        vocab_size=90, special_tokens=['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'], show_progress=False))
+    tk.post_processor = processors.TemplateProcessing(single='[CLS] $A [SEP]', special_tokens=[('[CLS]', 2), ('[SEP]', 3)])
+    (folder / 'qformer_tokenizer').mkdir(parents=True, exist_ok=True)
+    tk.save(str(folder / 'qformer_tokenizer' / 'tokenizer.json'))
+    assert tk.get_vocab_size() < 99
+    return tk
+
+
 def vlm_cfg(path, **kw):
     return dict(init_vision=str(path), init_lm=str(path), fusion='qformer', peft='', vision_layer=-1,
                 vision_norm=False, trainable=(), qformer_init=str(path), qformer_dim=32, qformer_layers=4,
@@ -48,6 +66,7 @@ def pair(tmp_path_factory):
     torch.manual_seed(0)
     ref = randomize(T.InstructBlipForConditionalGeneration(instructblip_t5_cfg()), std=0.1).eval()
     ref.save_pretrained(path)
+    qformer_tokenizer(path)
     ours = build_vlm(vlm_cfg(path)).eval()
     return ref, ours
 
@@ -78,7 +97,7 @@ def test_instructblip_t5_logits_and_loss_equal_transformers(pair):
     hf_mask = right_pad([torch.ones(Q + len(p), dtype=torch.long) for p in prompts], 0)
     our_ids = hf_ids.masked_fill(hf_ids == IMG_ID, IMAGE_TOKEN)
     dec = torch.randint(2, VOCAB, (3, 6))
-    fi = dict(qformer_ids=q_ids, qformer_mask=q_mask)
+    fi = dict(instruction_ids=q_ids, instruction_mask=q_mask)
     with torch.no_grad():
         want = ref(pixel_values=px, qformer_input_ids=q_ids, qformer_attention_mask=q_mask.long(), input_ids=hf_ids,
                    attention_mask=hf_mask, decoder_input_ids=dec).logits
@@ -110,7 +129,7 @@ def test_instructblip_t5_loss_gradients_reach_the_qformer(pair):
     lab = [torch.cat([torch.full((Q + len(p),), IGNORE_INDEX), a]) for p, a in zip(prompts, answers)]
     ours.zero_grad()
     ours(right_pad(rows, 0), pixels=px, labels=right_pad(lab, IGNORE_INDEX),
-         fusion_inputs=dict(qformer_ids=q_ids, qformer_mask=q_mask)).backward()
+         fusion_inputs=dict(instruction_ids=q_ids, instruction_mask=q_mask)).backward()
     trained = [n for n, p in ours.named_parameters() if p.requires_grad]
     assert trained and all(n.startswith('fusion.') for n in trained)  # the Q-Former recipe: tower and T5 frozen
     assert all(ours.get_parameter(n).grad is not None for n in trained if 'qformer.word' not in n)
@@ -131,7 +150,7 @@ def test_instructblip_t5_generation_equals_transformers(pair, num_beams, length_
                         num_beams=num_beams, length_penalty=length_penalty, eos_token_id=None if num_beams == 1 else 1)
     want = want[:, 1:]  # drop decoder_start
     got = ours.generate(hf_ids.masked_fill(hf_ids == IMG_ID, IMAGE_TOKEN), pad_mask=mask, pixels=px,
-                        fusion_inputs=dict(qformer_ids=q_ids, qformer_mask=q_mask), max_new_tokens=7,
+                        fusion_inputs=dict(instruction_ids=q_ids, instruction_mask=q_mask), max_new_tokens=7,
                         num_beams=num_beams, length_penalty=length_penalty, stop_ids=[] if num_beams == 1 else [1])
 
     def cut(row):  # up to and with the first eos (HF pads finished rows with pad, we with the stop token)
@@ -174,6 +193,7 @@ def test_instructblip_vicuna_logits_and_generation_equal_transformers(tmp_path):
                                text_config=llama.to_dict(), num_query_tokens=Q, image_token_index=IMG_ID)
     ref = randomize(T.InstructBlipForConditionalGeneration(cfg), std=0.1).eval()
     ref.save_pretrained(tmp_path)
+    qformer_tokenizer(tmp_path)
     ours = build_vlm(vlm_cfg(tmp_path)).eval()
     prompts, _, q_ids, q_mask, px = batch()
     S = max(len(p) for p in prompts) + Q + 1
@@ -181,11 +201,11 @@ def test_instructblip_vicuna_logits_and_generation_equal_transformers(tmp_path):
                                   torch.tensor([1]), p]) for p in prompts])  # [pad][queries][BOS] prompt
     mask = torch.arange(S)[None] >= torch.tensor([S - Q - 1 - len(p) for p in prompts])[:, None]
     ours_ids = ids.masked_fill(ids == IMG_ID, IMAGE_TOKEN)
-    fi = dict(qformer_ids=q_ids, qformer_mask=q_mask)
+    fi = dict(instruction_ids=q_ids, instruction_mask=q_mask)
     with torch.no_grad():
         want = ref(pixel_values=px[:1], qformer_input_ids=q_ids[:1], qformer_attention_mask=q_mask[:1].long(),
                    input_ids=ids[:1], attention_mask=mask[:1].long()).logits  # row 0 has no padding
-        got = ours(ours_ids[:1], pixels=px[:1], fusion_inputs=dict(qformer_ids=q_ids[:1], qformer_mask=q_mask[:1]))
+        got = ours(ours_ids[:1], pixels=px[:1], fusion_inputs=dict(instruction_ids=q_ids[:1], instruction_mask=q_mask[:1]))
     assert rel_err(got, want) < TOL
     for K in (1, 3):
         want = ref.generate(pixel_values=px, qformer_input_ids=q_ids, qformer_attention_mask=q_mask.long(),
@@ -258,6 +278,7 @@ def tiny_instructblip(folder):
     torch.manual_seed(0)
     cfg = instructblip_t5_cfg(vocab=tk.get_vocab_size())
     T.InstructBlipForConditionalGeneration(cfg).save_pretrained(folder)
+    qformer_tokenizer(folder)
     (folder / 'preprocessor_config.json').write_text(json.dumps(
         {'image_processor_type': 'BlipImageProcessor', 'size': {'height': 32, 'width': 32}, 'resample': 3,
          'image_mean': [0.48145466, 0.4578275, 0.40821073], 'image_std': [0.26862954, 0.26130258, 0.27577711]}))
@@ -304,7 +325,7 @@ def petal_data(root, dataset):
     if dataset == 'textvqa':
         for split in ('train', 'val'):
             (root / f'TextVQA_0.5.1_{split}.json').write_text(json.dumps({'dataset_name': 'textvqa', 'data': [
-                {'question': 'what color is the shape?', 'image_id': f'im{i}', 'answers': [color] * 10,
+                {'question': 'What color is the shape?', 'image_id': f'im{i}', 'answers': [color] * 10,
                  'question_id': 100 * (split == 'val') + i, 'set_name': split} for i, (color, _) in enumerate(PAIRS)]}))
         return root, root
     if dataset == 'textcaps':
@@ -370,6 +391,13 @@ def test_petal_config_backbone_takes_two_steps(name, tiny_ib, tmp_path, monkeypa
     g = run_train(monkeypatch, without_petal(src, tmp_path / name), *petal_args(tiny_ib, data_root, image_root, out))
     assert g['step'] == 2 and g['dataset'] == dataset and g['template'] == 't5' and g['n_image_tokens'] == Q
     assert isinstance(g['raw_model'].lm, T5) and g['raw_model'].fusion.proj.weight.shape == (64, 32)
+    # the Q-Former reads each sample's instruction (its user text) in its own tokenizer, [CLS] ... [SEP]
+    b = g['get_batch'](g['train_ds'], [0, 1])
+    sample = g['train_ds'].samples[g['train_ds'].keep[0]]
+    text = 'a photo of' if dataset in ('flickr30k', 'textcaps') else 'Question: What color is the shape? Short answer:'
+    assert sample['messages'][0][1] == '<image>' + text
+    got = b['fusion_inputs']['instruction_ids'][0][b['fusion_inputs']['instruction_mask'][0]].tolist()
+    assert got == g['io']['instruction_tok'].encode(text).ids and got[0] == 2 and got[-1] == 3
     ls = losses(out)
     assert len(ls) == 2 and all(l == l for l in ls)
     result = json.load(open(out / f"eval_{g['eval_split']}.json"))
