@@ -428,3 +428,39 @@ def test_petal_config_takes_two_steps(name, tiny_ib, tmp_path, monkeypatch):
     assert g['step'] == 2 and g['peft'] == 'petal' and len(losses(out)) == 2
     trained = torch.load(out / 'ckpt.pt', weights_only=True)['model'].keys()
     assert trained and not any(k.startswith(('lm.', 'vision.', 'fusion.proj.')) for k in trained)
+
+
+def test_instructblip_vicuna_config_takes_two_steps_from_one_checkpoint(tiny, tmp_path, monkeypatch):
+    """config/instructblip_vicuna_okvqa.py with a tiny InstructBLIP-Vicuna save as its one checkpoint (tower, Q-Former
+    with its tokenizer, projection, LLaMA): the full fine-tune baseline trains the whole fusion from the loaded
+    weights, with the instruction in the Q-Former's tokenizer."""
+    import shutil
+    from safetensors.torch import load_file
+    ckpt = tmp_path / 'instructblip_vicuna'
+    ckpt.mkdir()
+    for f in ('tokenizer.json', 'tokenizer_config.json'):
+        shutil.copy(f"{tiny['lm']}/{f}", ckpt / f)
+    from tokenizers import Tokenizer
+    vocab = Tokenizer.from_file(str(ckpt / 'tokenizer.json')).get_vocab_size()
+    base = instructblip_t5_cfg()
+    llama = T.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    T.InstructBlipForConditionalGeneration(T.InstructBlipConfig(
+        vision_config=base.vision_config.to_dict(), qformer_config=base.qformer_config.to_dict(),
+        text_config=llama.to_dict(), num_query_tokens=Q, image_token_index=IMG_ID)).save_pretrained(ckpt)
+    qformer_tokenizer(ckpt)
+    (ckpt / 'preprocessor_config.json').write_text(json.dumps({'size': {'height': 32, 'width': 32}}))
+    data_root, image_root = petal_data(tmp_path / 'data', 'okvqa')
+    out = tmp_path / 'out'
+    args = petal_args(ckpt, data_root, image_root, out)
+    g = run_train(monkeypatch, str(ROOT / 'config' / 'instructblip_vicuna_okvqa.py'), *args)
+    assert g['step'] == 2 and len(losses(out)) == 2 and g['template'] == 'base'
+    fusion = g['raw_model'].fusion
+    assert fusion.instruction_tokenizer.endswith('qformer_tokenizer') and g['io']['instruction_tok'] is not None
+    trained = torch.load(out / 'ckpt.pt', weights_only=True)['model']
+    assert trained.keys() == {k for k, _ in g['raw_model'].named_parameters() if k.startswith('fusion.')}
+    assert 'fusion.qformer.word.weight' in trained and 'fusion.proj.weight' in trained
+    hf = load_file(ckpt / 'model.safetensors')
+    assert torch.equal(g['raw_model'].lm.embed.weight, hf['language_model.model.embed_tokens.weight'])  # frozen
+    result = json.load(open(out / 'eval_val.json'))
+    assert result['task'] == 'okvqa' and result['n'] == 2
