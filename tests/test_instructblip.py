@@ -464,3 +464,30 @@ def test_instructblip_vicuna_config_takes_two_steps_from_one_checkpoint(tiny, tm
     assert torch.equal(g['raw_model'].lm.embed.weight, hf['language_model.model.embed_tokens.weight'])  # frozen
     result = json.load(open(out / 'eval_val.json'))
     assert result['task'] == 'okvqa' and result['n'] == 2
+
+
+def test_encoder_decoder_vlm_with_llava_projector_and_grad_checkpoint(tiny, tmp_path):
+    """An encoder-decoder LM under another input-level fusion (LLaVA's projector, from a plain T5 folder): the loss
+    trains the projector; activation checkpointing of the T5 blocks gives the same gradients; a fusion that works
+    inside the LM's layers is refused with the reason."""
+    cfg = T.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                     feed_forward_proj='gated-gelu', tie_word_embeddings=False)
+    randomize(T.T5ForConditionalGeneration(cfg), std=0.1).save_pretrained(tmp_path)
+    base = dict(init_vision=tiny['clip'], init_lm=str(tmp_path), peft='', vision_layer=-1, vision_norm=True,
+                vision_feature='patch', trainable=())
+    model = build_vlm({**base, 'fusion': 'llava'})
+    assert isinstance(model.lm, T5) and len(model.lm.blocks) == 4
+    n = model.fusion.n_tokens(model.vision.n_tokens(32))
+    ids = torch.cat([torch.full((2, n), IMAGE_TOKEN), torch.randint(4, VOCAB, (2, 5)), torch.randint(4, VOCAB, (2, 3))], 1)
+    labels = ids.clone()
+    labels[:, :n + 5] = IGNORE_INDEX
+    px = torch.randn(2, 3, 32, 32)
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.lm.grad_checkpoint = recompute
+        model(ids, pixels=px, labels=labels).backward()
+        grads.append([p.grad.clone() for n_, p in model.named_parameters() if p.requires_grad])
+    assert grads[0] and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    with pytest.raises(ValueError, match="encoder-decoder LM"):
+        build_vlm({**base, 'fusion': 'flamingo'})
