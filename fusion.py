@@ -256,9 +256,9 @@ class QFormerFusion(nn.Module):
 #   instruction_mask=)): the data tokenizes each sample's user text (LAVIS's text_input, also the LM's prompt) with
 #   the checkpoint's qformer_tokenizer ([CLS] ... [SEP], at most 128 tokens as LAVIS's max_txt_len; data.
 #   instruction_inputs). With an encoder-decoder LM (InstructBLIP-FlanT5) the visual tokens and the prompt go to
-#   the T5 encoder and the answer to its decoder (model.VLM.encdec_forward). Without qformer_init the Q-Former
-#   starts from BERT's init, not
-#   bert-base + stage 1 (Salesforce/blip2-itm-vit-g is BLIP-2's stage-1 model): it needs more data.
+#   the T5 encoder and the answer to its decoder (model.VLM.encdec_forward).
+# - Without qformer_init the Q-Former starts from BERT's init, not bert-base + stage 1 (Salesforce/blip2-itm-vit-g
+#   is BLIP-2's stage-1 model): it needs more data.
 # - The queries come after BOS ([BOS][queries] prompt); BLIP-2 prepends them ([queries][BOS] caption).
 # - Every public BLIP-2 Q-Former cross-attends to 1408-wide EVA ViT-g features: init_vision = the same Blip2 /
 #   InstructBLIP checkpoint loads that tower (model.py ViT kind 'eva'), with vision_norm=False (ln_vision here is

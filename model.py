@@ -1009,7 +1009,9 @@ class VLM(nn.Module):
         has_image per row. They carry no label and no output: logits stay aligned with `ids`.
       - `fusion.runs_without_images = True`: a batch without any image still calls the fusion, with
         feats=None (ADEM-VL's learned key/value embeddings act on text-only samples); otherwise such a
-        batch skips it."""
+        batch skips it.
+    The LM may also be an encoder-decoder (t5.T5, `lm.is_encoder_decoder`): the spliced prompt is its encoder's
+    input and the answer its decoder's (encdec_forward); generate / stream decode from the encoded prompt."""
 
     def __init__(self, vision: ViT, lm: Decoder, fusion: nn.Module, *, vision_layer=-1, vision_norm=False):
         super().__init__()

@@ -56,7 +56,9 @@ class T5Config:
         proj = d.get('feed_forward_proj', 'relu')
         gated, act = proj.startswith('gated-'), proj.split('-')[-1]
         act = {'gelu': 'gelu_tanh', 'relu': 'relu'}.get(act)  # HF maps gated-gelu to gelu_new (tanh)
-        if act is None or (act == 'gelu_tanh' and not gated):
+        if gated and d.get('dense_act_fn'):  # what HF runs when the config names it (LAVIS: exact 'gelu')
+            act = {'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu': 'gelu'}.get(d['dense_act_fn'])
+        if act is None or (act != 'relu' and not gated):
             raise ValueError(f"T5 feed_forward_proj {proj!r} is not supported (only 'relu' and 'gated-gelu')")
         return T5Config(vocab_size=d['vocab_size'], dim=d['d_model'], n_layers=d['num_layers'],
                         n_dec_layers=d.get('num_decoder_layers') or d['num_layers'], n_heads=d['num_heads'],

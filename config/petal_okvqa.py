@@ -2,18 +2,19 @@
 # lavis/projects/blip2/train/aurora_mixture/okvqa_instruct_flant5xxl_aurora_mixture.yaml (METHODS.md section 8).
 # Backbone: InstructBLIP-FlanT5 (EVA ViT-g/14, 39 blocks, frozen; the instruction-aware Q-Former with 32 queries;
 # FlanT5, frozen), all three from one checkpoint (init_vision = init_lm = qformer_init: its language_projection
-# loads too). PETAL's yamls use FlanT5-XXL (--init_lm=... of Salesforce/instructblip-flan-t5-xxl for all three
-# keys); this recipe names the XL checkpoint, which fits one 40 GB GPU. What trains is PETAL's own set
+# loads too). PETAL's yamls use FlanT5-XXL (set init_vision, init_lm and qformer_init to
+# Salesforce/instructblip-flan-t5-xxl); this recipe names the XL checkpoint, which fits one 40 GB GPU. What trains is PETAL's own set
 # (peft.py's PETAL section: mode approximation in the Q-Former, the scale/shift residuals and the experts, ~1.40M);
 # the Q-Former, the queries and the projection stay frozen (PETAL train.py train_mode 'adapter').
 #
 # Hyperparameters from the yaml: linear_warmup_cosine_lr without warm-up, init_lr 2e-5, min_lr 1e-6, weight_decay
 # 0.02, 5 epochs, batch 16 on 1 GPU (accum 1), 224 px, prompt "Question: {} Short answer:"; evaluation beam 5,
-# max_len 100, min_len 1. Sequence: encoder [32 query outputs] "Question: ... Short answer:" </s>, decoder
-# targets " answer" </s> ('t5' template; model.VLM.encdec_forward).
+# max_len 100, min_len 1. Sequence: Q-Former [32 queries] + the prompt in its BERT tokens ([CLS] ... [SEP], the
+# checkpoint's qformer_tokenizer); T5 encoder [32 query outputs] "Question: ... Short answer:" </s>; decoder
+# targets " answer" </s> ('t5' template; model.VLM.encdec_forward), as LAVIS blip2_t5_instruct_petal_moe.py.
 #
-# Baselines of PETAL's table as one-line variants (petal_rank / petal_dropout below are PETAL's defaults, so
-# they may stay set when peft is another method):
+# Baselines of PETAL's table as one-line variants (petal_rank / petal_dropout below are PETAL's official values;
+# train.py refuses them with another peft unless they equal its defaults: then add --petal_rank=<its default>):
 #   head tuning (train_mode 'head': layer 11's first FFN linear, query and text branches):
 #     python train.py config/petal_okvqa.py --peft=head
 #     (before peft='head' exists: --peft='' --trainable="('qformer.layers.11.fc1.','qformer.layers.11.text_fc1.')")
@@ -25,16 +26,13 @@
 #   blocks: whether they take the T5 encoder-decoder is theirs to say).
 #
 # Deviations from the reference code (for the whole InstructBLIP-FlanT5 family of configs, config/petal_*.py):
-# - The Q-Former reads no instruction: train.py's batches carry no Q-Former (BERT) tokens yet, so the
-#   instruction-aware Q-Former runs on the queries alone (the model takes them: VLM(fusion_inputs=
-#   dict(instruction_ids=, instruction_mask=)), and equals transformers' InstructBLIP with them).
 # - Generation has no min_len (min_len 1 here is a no-op; the caption recipes' 6 is not enforced); answers are
 #   not lemmatized before scoring (the yaml's apply_lemmatizer, spaCy); the target is the most frequent of the 10
 #   answers (LAVIS samples every answer with its weight).
 # - The cosine schedule decays per step, LAVIS's per epoch. Training images get BLIP's RandomResizedCrop +
 #   RandomAugment (image_augment, LAVIS blip_image_train); evaluation squashes to 224 (blip_image_eval).
-# - The frozen FlanT5 runs without dropout and with HF's tanh GELU; LAVIS leaves its T5 in train mode (dropout
-#   0.1) and sets dense_act_fn='gelu'.
+# - The frozen FlanT5 runs without dropout (LAVIS leaves its T5 in train mode: dropout 0.1) and with the GELU its
+#   config names (text_config dense_act_fn; LAVIS sets exact 'gelu', HF's default for gated-gelu is the tanh one).
 #
 # Data: OK-VQA v1.1 in data/okvqa (OpenEnded_mscoco_{train,val}2014_questions.json,
 # mscoco_{train,val}2014_annotations.json), COCO 2014 images in data/coco ({train,val}2014/COCO_..._*.jpg).

@@ -491,3 +491,17 @@ def test_encoder_decoder_vlm_with_llava_projector_and_grad_checkpoint(tiny, tmp_
     assert grads[0] and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
     with pytest.raises(ValueError, match="encoder-decoder LM"):
         build_vlm({**base, 'fusion': 'flamingo'})
+
+
+def test_t5_dense_act_fn_exact_gelu(tmp_path):
+    """A gated T5 whose config names dense_act_fn 'gelu' (LAVIS sets it on FlanT5) runs exact GELU, as HF does."""
+    cfg = T.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                     feed_forward_proj='gated-gelu', tie_word_embeddings=False)
+    cfg.dense_act_fn = 'gelu'
+    ref = randomize(T.T5ForConditionalGeneration(cfg), std=0.3).eval()
+    ref.save_pretrained(tmp_path)
+    ours = T5.from_pretrained(tmp_path)
+    assert ours.cfg.act == 'gelu'
+    ids, dec = torch.randint(2, VOCAB, (2, 9)), torch.randint(2, VOCAB, (2, 4))
+    with torch.no_grad():
+        assert rel_err(ours(ids, dec), ref(input_ids=ids, decoder_input_ids=dec).logits) < TOL
