@@ -7,7 +7,7 @@ reference transformers models/t5/modeling_t5.py (T5ForConditionalGeneration).
   decoder: embed -> [x += CausalSelfAttn(RMS(x)) ; x += CrossAttn(RMS(x), enc) ; x += FFN(RMS(x))] x L -> RMS
            -> (* d^-0.5 in T5 v1.0, whose head is tied) -> head
   attention: scores = q k^T (no 1/sqrt(d): folded into the init) + a learned bias per (head, position bucket), one
-  table per stack in its first layer, shared by all its layers; cross-attention has no position bias.
+  table per stack (HF: in its first layer), shared by all its layers; cross-attention has no position bias.
   FFN: T5 v1.0 relu (wi -> relu -> wo), v1.1 / FlanT5 gated-gelu (wo(gelu_tanh(wi_0 x) * wi_1 x)).
   norm: T5LayerNorm = RMSNorm without mean or bias (model.RMSNorm).
 Loading through an explicit key map (model.load_weights); greedy / sampled generation and beam search with a
@@ -87,20 +87,20 @@ def position_buckets(rel, bidirectional, num_buckets, max_distance):
     return buckets + torch.where(rel < exact, rel, large.clamp(max=num_buckets - 1))
 
 
+def position_bias(table, cfg: T5Config, start, T, S, *, bidirectional, device):
+    """(1, nh, T, S) learned bias (table: (num_buckets, nh)) of queries start..start+T-1 against keys 0..S-1."""
+    rel = torch.arange(S, device=device)[None, :] - torch.arange(start, start + T, device=device)[:, None]
+    b = position_buckets(rel, bidirectional, cfg.num_buckets, cfg.max_distance)
+    return table(b).permute(2, 0, 1)[None]
+
+
 class T5Attention(nn.Module):
-    def __init__(self, cfg: T5Config, *, bias_table=False, causal=False):
+    def __init__(self, cfg: T5Config):
         super().__init__()
-        self.cfg, self.causal = cfg, causal
+        self.cfg = cfg
         inner = cfg.n_heads * cfg.head_dim
         self.q, self.k, self.v = (nn.Linear(cfg.dim, inner, bias=False) for _ in range(3))
         self.o = nn.Linear(inner, cfg.dim, bias=False)
-        self.rel = nn.Embedding(cfg.num_buckets, cfg.n_heads) if bias_table else None
-
-    def position_bias(self, start, T, S, device):
-        """(1, nh, T, S) learned bias of queries start..start+T-1 against keys 0..S-1."""
-        rel = torch.arange(S, device=device)[None, :] - torch.arange(start, start + T, device=device)[:, None]
-        b = position_buckets(rel, not self.causal, self.cfg.num_buckets, self.cfg.max_distance)
-        return self.rel(b).permute(2, 0, 1)[None]
 
     def forward(self, x, bias, mem=None, cache=None):
         """x (B, T, d); bias (B or 1, nh, T, S) additive (position bias + mask); mem: the encoder output
@@ -137,10 +137,10 @@ class T5FFN(nn.Module):
 
 
 class T5Block(nn.Module):
-    def __init__(self, cfg: T5Config, *, decoder, first):
+    def __init__(self, cfg: T5Config, *, decoder):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = T5Attention(cfg, bias_table=first, causal=decoder)
+        self.attn = T5Attention(cfg)
         if decoder:
             self.xattn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.xattn = T5Attention(cfg)
@@ -167,9 +167,13 @@ class T5(nn.Module):
         self.cfg = cfg
         self.grad_checkpoint = False  # recompute each block's activations in the backward (train.py's key)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)  # HF shared, for both stacks
-        self.enc = nn.ModuleList(T5Block(cfg, decoder=False, first=i == 0) for i in range(cfg.n_layers))
+        # the position-bias tables, one per stack: HF keeps each in its stack's first layer; here they sit beside
+        # the blocks, which FSDP shards one by one, since the bias is computed before the first block runs
+        self.enc_rel = nn.Embedding(cfg.num_buckets, cfg.n_heads)
+        self.dec_rel = nn.Embedding(cfg.num_buckets, cfg.n_heads)
+        self.enc = nn.ModuleList(T5Block(cfg, decoder=False) for _ in range(cfg.n_layers))
         self.enc_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.dec = nn.ModuleList(T5Block(cfg, decoder=True, first=i == 0) for i in range(cfg.n_dec_layers))
+        self.dec = nn.ModuleList(T5Block(cfg, decoder=True) for _ in range(cfg.n_dec_layers))
         self.dec_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
@@ -191,7 +195,7 @@ class T5(nn.Module):
         """ids (B, S) or embeds (B, S, d) (InstructBLIP: query tokens + prompt), mask (B, S) -> (B, S, d)."""
         x = self.embed(ids) if embeds is None else embeds
         B, S, _ = x.shape
-        bias = self.enc[0].attn.position_bias(0, S, S, x.device)  # (1, nh, S, S)
+        bias = position_bias(self.enc_rel, self.cfg, 0, S, S, bidirectional=True, device=x.device)  # (1, nh, S, S)
         if mask is not None:
             bias = bias + self.key_bias(mask, S)
         for blk in self.enc:
@@ -204,7 +208,7 @@ class T5(nn.Module):
         B, T, _ = x.shape
         start = cache['len'] if cache is not None else 0
         S = start + T
-        bias = self.dec[0].attn.position_bias(start, T, S, x.device)  # (1, nh, T, S)
+        bias = position_bias(self.dec_rel, self.cfg, start, T, S, bidirectional=False, device=x.device)  # (1, nh, T, S)
         causal = torch.arange(S, device=x.device)[None, :] <= torch.arange(start, S, device=x.device)[:, None]
         bias = bias.masked_fill(~causal, NEG)
         mem_bias = torch.zeros(B, 1, T, enc.shape[1], device=x.device) if enc_mask is None else \
@@ -337,7 +341,9 @@ class T5(nn.Module):
 def t5_key_map(cfg: T5Config):
     """HF T5ForConditionalGeneration name -> ours."""
     m = {'shared.weight': 'embed.weight', 'encoder.final_layer_norm.weight': 'enc_norm.weight',
-         'decoder.final_layer_norm.weight': 'dec_norm.weight'}
+         'decoder.final_layer_norm.weight': 'dec_norm.weight',
+         'encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight': 'enc_rel.weight',
+         'decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight': 'dec_rel.weight'}
     if not cfg.tie_embeddings:
         m['lm_head.weight'] = 'head.weight'
     ffn = {'wi_0': 'wi_gate', 'wi_1': 'wi', 'wo': 'wo'} if cfg.gated else {'wi': 'wi', 'wo': 'wo'}
@@ -348,8 +354,6 @@ def t5_key_map(cfg: T5Config):
             for p in 'qkvo':
                 m[f'{hf}0.SelfAttention.{p}.weight'] = f'{o}attn.{p}.weight'
             m[f'{hf}0.layer_norm.weight'] = f'{o}attn_norm.weight'
-            if i == 0:
-                m[f'{hf}0.SelfAttention.relative_attention_bias.weight'] = f'{o}attn.rel.weight'
             if stack == 'decoder':
                 for p in 'qkvo':
                     m[f'{hf}1.EncDecAttention.{p}.weight'] = f'{o}xattn.{p}.weight'
