@@ -136,6 +136,15 @@ class T5FFN(nn.Module):
         return self.wo(act_fn(self.act, self.wi_gate(x)) * self.wi(x))
 
 
+class LayerCache:
+    """One decoder layer's keys / values, each a dict {'k', 'v'}: self-attention's grow every step, cross-attention's
+    are computed once. An object, not a dict: FSDP2 rebuilds the containers among a sharded block's arguments (to
+    cast their tensors), which would lose what the block writes into them."""
+
+    def __init__(self):
+        self.self, self.cross = {}, {}
+
+
 class T5Block(nn.Module):
     def __init__(self, cfg: T5Config, *, decoder):
         super().__init__()
@@ -148,9 +157,9 @@ class T5Block(nn.Module):
         self.ffn = T5FFN(cfg)
 
     def forward(self, x, bias, mem=None, mem_bias=None, cache=None):
-        x = x + self.attn(self.attn_norm(x), bias, cache=None if cache is None else cache['self'])
+        x = x + self.attn(self.attn_norm(x), bias, cache=None if cache is None else cache.self)
         if mem is not None:
-            x = x + self.xattn(self.xattn_norm(x), mem_bias, mem=mem, cache=None if cache is None else cache['cross'])
+            x = x + self.xattn(self.xattn_norm(x), mem_bias, mem=mem, cache=None if cache is None else cache.cross)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -227,7 +236,8 @@ class T5(nn.Module):
         return self.decode(dec_ids, self.encode(ids, mask), mask)
 
     def new_cache(self):
-        return {'len': 0, 'layers': [{'self': {}, 'cross': {}} for _ in self.dec]}
+        """The decoder's KV cache: 'len' cached positions, one LayerCache per decoder layer."""
+        return {'len': 0, 'layers': [LayerCache() for _ in self.dec]}
 
     @torch.inference_mode()
     def stream(self, ids=None, mask=None, *, embeds=None, max_new_tokens=32, temperature=0.0, top_p=1.0,
@@ -321,7 +331,7 @@ class T5(nn.Module):
                 break
             order = (run_parent + rows).flatten()  # each running beam continues its parent's self-attention cache
             for layer in cache['layers']:
-                layer['self'] = {k: v.index_select(0, order) for k, v in layer['self'].items()}
+                layer.self = {k: v.index_select(0, order) for k, v in layer.self.items()}
             tok = run_tok[:, :, t].reshape(B * K, 1)
         return fin_tok[:, 0, :int(fin_len[:, 0].max())]  # (B, T_new) the best hypothesis of each row
 

@@ -3,6 +3,7 @@ by fusion.build_vlm from one tiny random InstructBlipForConditionalGeneration fo
 transformers' model: decoder logits, the training loss from our decoder-only sample layout, greedy and beam tokens;
 T5 beam search alone vs T5ForConditionalGeneration; the PETAL configs build and take two steps on tiny stand-ins."""
 import json
+import os
 import runpy
 import sys
 
@@ -505,3 +506,27 @@ def test_t5_dense_act_fn_exact_gelu(tmp_path):
     ids, dec = torch.randint(2, VOCAB, (2, 9)), torch.randint(2, VOCAB, (2, 4))
     with torch.no_grad():
         assert rel_err(ours(ids, dec), ref(input_ids=ids, decoder_input_ids=dec).logits) < TOL
+
+
+def test_instructblip_t5_fsdp_two_processes_match_one(tiny_ib, tmp_path):
+    """config/petal_okvqa.py's backbone (PETAL lines removed) under FSDP2 on 2 CPU processes (every encoder and
+    decoder block sharded) logs the losses of one process with the same global batch, and its final beam-searched
+    evaluation (decoding until both ranks are done) completes. The projection alone trains: a frozen Q-Former runs
+    without dropout, whose masks differ between one process and two."""
+    import subprocess
+    data_root, image_root = petal_data(tmp_path / 'data', 'okvqa')
+    cfg = without_petal(ROOT / 'config' / 'petal_okvqa.py', tmp_path / 'c.py')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+    def run(out, nproc, *extra):
+        argv = [cfg, *petal_args(tiny_ib, data_root, image_root, out), '--global_batch=4', '--max_iters=3',
+                '--learning_rate=1e-3', '--eval_interval=3', '--threads=1', "--trainable=('fusion.proj.',)", *extra]
+        cmd = [sys.executable, 'train.py', *argv] if nproc == 1 else \
+            [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'train.py', *argv]
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return losses(out)
+    one = run(tmp_path / 'one', 1, '--batch_size=4', '--final_eval=False')
+    two = run(tmp_path / 'two', 2, '--batch_size=2', '--fsdp=True')
+    assert len(one) == 3 and two == pytest.approx(one, rel=1e-5, abs=1e-6)
+    assert json.load(open(tmp_path / 'two' / 'eval_val.json'))['n'] == 2
