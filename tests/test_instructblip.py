@@ -530,3 +530,51 @@ def test_instructblip_t5_fsdp_two_processes_match_one(tiny_ib, tmp_path):
     two = run(tmp_path / 'two', 2, '--batch_size=2', '--fsdp=True')
     assert len(one) == 3 and two == pytest.approx(one, rel=1e-5, abs=1e-6)
     assert json.load(open(tmp_path / 'two' / 'eval_val.json'))['n'] == 2
+
+
+@pytest.mark.parametrize('num_beams', [1, 3])
+def test_eval_pipeline_answers_equal_transformers_processors_and_generate(tmp_path, num_beams):
+    """End to end: eval.run on an InstructBLIP-FlanT5 folder (our image preprocessing, the 't5' template, the
+    instruction in the Q-Former's tokenizer, batched left-padded decoding) answers exactly what transformers gives
+    from its own BlipImageProcessor, T5 and BERT tokenizers (fast, from the same files) and generate."""
+    import data
+    import eval as evaluate
+    tk = t5_tokenizer(tmp_path)
+    image_id = tk.get_vocab_size()  # HF's image token: a row of its own, so no prompt token is taken for one
+    torch.manual_seed(0)
+    ref = randomize(T.InstructBlipForConditionalGeneration(instructblip_t5_cfg(vocab=image_id + 1)), std=0.2)
+    ref.config.image_token_index = ref.config.image_token_id = image_id
+    ref.eval().save_pretrained(tmp_path)
+    qformer_tokenizer(tmp_path)
+    (tmp_path / 'preprocessor_config.json').write_text(json.dumps(
+        {'image_processor_type': 'BlipImageProcessor', 'do_resize': True, 'size': {'height': 32, 'width': 32},
+         'resample': 3, 'do_rescale': True, 'rescale_factor': 1 / 255, 'do_normalize': True, 'do_convert_rgb': True,
+         'image_mean': [0.48145466, 0.4578275, 0.40821073], 'image_std': [0.26862954, 0.26130258, 0.27577711]}))
+    cfg = {**vlm_cfg(tmp_path), 'image_size': 0, 'image_resize': '', 'image_norm': '', 'template': 't5',
+           'system_prompt': 'default', 'answer_prefix': ''}
+    model = build_vlm(cfg).eval()
+    io = data.prepare(cfg, model)
+    questions = ['what color is the shape?', 'what is the shape?', 'is there a red circle in the image?']
+    samples = []
+    for i, (q, (color, shape)) in enumerate(zip(questions, PAIRS[1:])):
+        img = shape_image(tmp_path / f'{i}.png', color, shape)
+        samples.append({'id': str(i), 'image': img, 'answers': [color] * 10, 'messages': [
+            ('user', f'<image>Question: {q} Short answer:'), ('assistant', color)]})
+    ours = evaluate.run(model, samples, io, task='okvqa', batch_size=3, max_new_tokens=6, num_beams=num_beams,
+                        progress=False)
+    from PIL import Image
+    t5_tok = T.T5TokenizerFast(tokenizer_file=str(tmp_path / 'tokenizer.json'), eos_token='</s>', pad_token='<pad>',
+                               unk_token='<unk>', extra_ids=0)
+    bert = T.BertTokenizerFast(tokenizer_file=str(tmp_path / 'qformer_tokenizer' / 'tokenizer.json'))
+    proc = T.BlipImageProcessor.from_pretrained(tmp_path)
+    texts = [f'Question: {q} Short answer:' for q in questions]
+    px = proc([Image.open(s['image']).convert('RGB') for s in samples], return_tensors='pt')['pixel_values']
+    qf = bert(texts, padding=True, return_tensors='pt')
+    enc = t5_tok(texts, padding=True, return_tensors='pt')  # each prompt + </s>, right-padded
+    ids = torch.cat([torch.full((3, Q), image_id), enc['input_ids']], 1)
+    mask = torch.cat([torch.ones(3, Q, dtype=torch.long), enc['attention_mask']], 1)
+    out = ref.generate(pixel_values=px, qformer_input_ids=qf['input_ids'], qformer_attention_mask=qf['attention_mask'],
+                       input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=num_beams, do_sample=False)
+    want = t5_tok.batch_decode(out, skip_special_tokens=True)
+    assert [p['text'] for p in ours['predictions']] == want
+    assert len(set(want)) >= 2  # the answers differ (not one degenerate token everywhere)
