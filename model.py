@@ -991,7 +991,8 @@ IMAGE_TOKEN = -200   # placeholder id in input_ids; each is replaced by one visu
 
 
 class VLM(nn.Module):
-    """A vision tower and a decoder joined by a fusion method (fusion.py). The fusion is called as
+    """A vision tower and a decoder joined by a fusion method (fusion.py); the LM may also be an encoder-decoder
+    (t5.T5, `lm.is_encoder_decoder`: see encdec_forward). The fusion is called as
     fusion(feats, has_image=, ids=) and returns (tokens, media): `tokens` (B, n, d) are spliced into the
     token embeddings at the IMAGE_TOKEN positions (input-level fusion: LLaVA, Q-Former, ADEM-VL's CLS);
     `media` (a dict) reaches the modules the fusion placed in the decoder's seams through ctx.media, at
@@ -1009,9 +1010,7 @@ class VLM(nn.Module):
         has_image per row. They carry no label and no output: logits stay aligned with `ids`.
       - `fusion.runs_without_images = True`: a batch without any image still calls the fusion, with
         feats=None (ADEM-VL's learned key/value embeddings act on text-only samples); otherwise such a
-        batch skips it.
-    The LM may also be an encoder-decoder (t5.T5, `lm.is_encoder_decoder`): the spliced prompt is its encoder's
-    input and the answer its decoder's (encdec_forward); generate / stream decode from the encoded prompt."""
+        batch skips it."""
 
     def __init__(self, vision: ViT, lm: Decoder, fusion: nn.Module, *, vision_layer=-1, vision_norm=False):
         super().__init__()
