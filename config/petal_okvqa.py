@@ -3,8 +3,9 @@
 # Backbone: InstructBLIP-FlanT5 (EVA ViT-g/14, 39 blocks, frozen; the instruction-aware Q-Former with 32 queries;
 # FlanT5, frozen), all three from one checkpoint (init_vision = init_lm = qformer_init: its language_projection
 # loads too). PETAL's yamls use FlanT5-XXL (set init_vision, init_lm and qformer_init to
-# Salesforce/instructblip-flan-t5-xxl); this recipe names the XL checkpoint, which fits one 40 GB GPU. What trains is PETAL's own set
-# (peft.py's PETAL section: mode approximation in the Q-Former, the scale/shift residuals and the experts, ~1.40M);
+# Salesforce/instructblip-flan-t5-xxl); this recipe names the XL checkpoint, which fits one 40 GB GPU. What trains
+# is PETAL's own set (peft.py's PETAL section: mode approximation in the Q-Former, the scale/shift residuals and the
+# experts, ~1.40M);
 # the Q-Former, the queries and the projection stay frozen (PETAL train.py train_mode 'adapter').
 #
 # Hyperparameters from the yaml: linear_warmup_cosine_lr without warm-up, init_lr 2e-5, min_lr 1e-6, weight_decay
@@ -19,9 +20,10 @@
 #     python train.py config/petal_okvqa.py --peft=head
 #     (before peft='head' exists: --peft='' --trainable="('qformer.layers.11.fc1.','qformer.layers.11.text_fc1.')")
 #   full Q-Former fine-tune (ln_vision, queries, Q-Former, projection): --peft='' (the qformer fusion's own set)
-#   LoRA r64 (peft.py's LoRA wraps the LM's q/k/v/o; the projection trains beside it, as a fusion cannot be
-#   left with nothing trained): --peft=lora --lora_r=64 --lora_alpha=64 --lora_targets="('q','v')" \
-#     --trainable="('lora_','fusion.proj.')"
+#   LoRA r64 in the Q-Former (LAVIS's lora_blip2 baseline; the table gives only the rank), on its self- and
+#   cross-attention q / v through peft.py's path patterns:
+#     --peft=lora --lora_r=64 --lora_alpha=64 --trainable="('lora_',)" \
+#       --lora_targets="('fusion.qformer.layers.*attn.q','fusion.qformer.layers.*attn.v')"   (attn and xattn)
 #   LLaMA-Adapter, MaPLe: --peft=llama_adapter / --peft=maple once peft.py has them (they act on the LM's
 #   blocks: whether they take the T5 encoder-decoder is theirs to say).
 #
