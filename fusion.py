@@ -209,8 +209,8 @@ class QFormer(nn.Module):
             if not hasattr(self, 'word'):
                 raise ValueError("this Q-Former has no text embeddings (BLIP-2's): it takes no instruction tokens")
             if text.shape[1] > self.word_pos.num_embeddings:
-                raise ValueError(f"instruction of {text.shape[1]} tokens > the Q-Former's {self.word_pos.num_embeddings} "
-                                 f"positions")
+                raise ValueError(f"instruction of {text.shape[1]} tokens > the Q-Former's "
+                                 f"{self.word_pos.num_embeddings} positions")
             pos = torch.arange(text.shape[1], device=text.device)  # the instruction's positions start at 0
             x = torch.cat([x, (self.word(text) + self.word_pos(pos)).to(x.dtype)], dim=1)  # (B, Q + L, dim)
             if text_mask is not None:  # keys: every query, the instruction's real tokens
