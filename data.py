@@ -202,6 +202,9 @@ class Tokenizer:
 #   turns exactly train_utils.py's MMC4 labels. The eos OpenFlamingo appends after the last chunk is left out
 #   ("<|endofchunk|>" is eos here). After a text prompt ("<image>\nQ") the answer starts with a labelled
 #   space, so that words do not merge across the boundary.
+# - t5: encoder-decoder LMs (InstructBLIP-FlanT5, LAVIS blip2_t5_instruct.py): the prompt + EOS (the encoder's
+#   input: T5's tokenizer appends EOS to every text), then a labelled space + the answer + EOS (the decoder's
+#   targets); model.VLM.encdec_forward splits the two at the first label. One turn only.
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -297,6 +300,16 @@ def base(messages, system=None, add_generation_prompt=False, eos="</s>"):
     return [(text, False) if role == "user" else (text + eos, True) for role, text in messages]
 
 
+def t5(messages, system=None, add_generation_prompt=False, eos="</s>"):
+    system, messages = _turns(messages, system)
+    if system is not None:
+        raise ValueError("the 't5' template has no system prompt")
+    if len(messages) > 2:
+        raise ValueError("the 't5' template (encoder-decoder LMs) takes one user turn and one answer")
+    return [(text + eos, False) if role == "user" else (("" if text[:1].isspace() else " ") + text + eos, True)
+            for role, text in messages]
+
+
 def flamingo(messages, system=None, add_generation_prompt=False):
     system, messages = _turns(messages, system)
     if system is not None:
@@ -320,6 +333,7 @@ TEMPLATES = {
     "plain": plain,
     "base": base,
     "flamingo": flamingo,
+    "t5": t5,
 }
 
 
@@ -331,7 +345,7 @@ def _template(name):
 
 def template_pieces(template, messages, system=None, add_generation_prompt=False, eos=None):
     """eos: the tokenizer's EOS token text, which the 'base' template ends answers with (default "</s>")."""
-    kw = {"eos": eos} if template == "base" and eos is not None else {}
+    kw = {"eos": eos} if template in ("base", "t5") and eos is not None else {}
     return _template(template)(messages, system=system, add_generation_prompt=add_generation_prompt, **kw)
 
 
@@ -354,6 +368,8 @@ def pick_template(tok, name=None):
         return "llama2"
     if model_type == "qwen2":
         return "qwen2"
+    if model_type == "t5":
+        return "t5"
     if model_type in ("llama", "llava") and not jinja:  # Vicuna ships no chat_template; LLaVA-1.5's default
         return "vicuna_v1"
     raise ValueError(f"{tok.folder}: cannot tell the chat template (model_type={model_type!r}); "
@@ -466,6 +482,7 @@ TOWER_DEFAULTS = {
     "clip": dict(resize="crop", size=224, crop_size=224, mean=CLIP_MEAN, std=CLIP_STD, resample=3),
     "dinov2": dict(resize="crop", size=256, crop_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=3),
     "siglip": dict(resize="squash", size=224, crop_size=224, mean=(0.5,) * 3, std=(0.5,) * 3, resample=3),
+    "eva": dict(resize="squash", size=224, crop_size=224, mean=CLIP_MEAN, std=CLIP_STD, resample=3),  # BlipImageProcessor
 }  # resample: PIL code, 3 = BICUBIC
 # (mean, std) by name, for image_config(mean=, std=) overrides (train.py's image_norm)
 IMAGE_NORMS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
@@ -1372,13 +1389,14 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         sample = self.samples[self.keep[index]]
         ids, labels = self.tokenize(sample)
-        return {"id": sample["id"], "image": image_sources(sample),
+        return {"id": sample["id"], "image": image_sources(sample), "instruction": instruction_text(sample),
                 "input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
 def collate(batch, *, pad_id):
     """list of items -> {'input_ids', 'labels', 'attention_mask' (B, T), 'has_image' (B,) or (B, M), 'images'
-    (their sources, for image_inputs), 'ids'}. Use functools.partial(collate, pad_id=tok.pad_id)."""
+    (their sources, for image_inputs), 'ids', 'instructions' (texts, for instruction_inputs)}. Use
+    functools.partial(collate, pad_id=tok.pad_id)."""
     B, T = len(batch), max(len(item["input_ids"]) for item in batch)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
@@ -1392,7 +1410,8 @@ def collate(batch, *, pad_id):
     else:
         has_image = torch.tensor([item["image"] is not None for item in batch])  # (B,)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "has_image": has_image,
-            "images": [item["image"] for item in batch], "ids": [item["id"] for item in batch]}
+            "images": [item["image"] for item in batch], "ids": [item["id"] for item in batch],
+            "instructions": [item.get("instruction", "") for item in batch]}
 
 
 def left_pad(prompts, pad_id):
@@ -1505,10 +1524,49 @@ def prepare(cfg, model):
         raise ValueError(f"image_norm must be '' (the tower's) or one of {sorted(IMAGE_NORMS)}, got {norm!r}")
     overrides.update(dict(zip(('mean', 'std'), IMAGE_NORMS[norm])) if norm else {})
     image_cfg = image_config(resolve(cfg['init_vision']), tower=model.vision.cfg.kind, **overrides)
+    folder = getattr(model.fusion, 'instruction_tokenizer', '')
     return dict(tok=tok, template=pick_template(tok, cfg['template'] or None),
                 system=None if cfg['system_prompt'] == 'default' else cfg['system_prompt'], image_cfg=image_cfg,
                 n_image_tokens=model.fusion.n_tokens(model.vision.n_tokens(image_cfg['crop_size'])),
-                answer_prefix=cfg.get('answer_prefix', ''))
+                answer_prefix=cfg.get('answer_prefix', ''),
+                instruction_tok=instruction_tokenizer(folder) if folder else None)
+
+
+# A fusion with its own tokenizer (fusion.instruction_tokenizer: InstructBLIP's Q-Former, LAVIS blip2_t5_instruct.py)
+# also reads each sample's instruction: the first user turn's text without "<image>" (LAVIS's text_input, the
+# prompt the LM gets too), tokenized with that tokenizer's special tokens ([CLS] ... [SEP]), cut at 128 tokens
+# (LAVIS max_txt_len), right-padded; the VLM hands it over as fusion(..., instruction_ids=, instruction_mask=).
+INSTRUCTION_MAX_LEN = 128
+
+
+def instruction_text(sample):
+    return next(text for role, text in sample["messages"] if role == "user").replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+def instruction_tokenizer(folder):
+    from tokenizers import Tokenizer as HFTokenizer
+    path = Path(folder) / "tokenizer.json"
+    try:
+        tk = HFTokenizer.from_file(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: cannot load the fusion's instruction tokenizer ({e})") from e
+    tk.no_padding()
+    tk.enable_truncation(INSTRUCTION_MAX_LEN)
+    return tk
+
+
+def instruction_inputs(tk, texts, device="cpu"):
+    """The VLM's fusion_inputs for a batch's instructions: {'instruction_ids', 'instruction_mask'} (B, L); {} when
+    the fusion has no instruction tokenizer (tk None)."""
+    if tk is None:
+        return {}
+    encs = tk.encode_batch(list(texts), add_special_tokens=True)
+    L = max(len(e.ids) for e in encs)
+    ids = torch.zeros(len(encs), L, dtype=torch.long)
+    mask = torch.zeros(len(encs), L, dtype=torch.bool)
+    for i, e in enumerate(encs):
+        ids[i, :len(e.ids)], mask[i, :len(e.ids)] = torch.tensor(e.ids, dtype=torch.long), True
+    return {"instruction_ids": ids.to(device), "instruction_mask": mask.to(device)}
 
 
 def load_pixels(images, image_cfg, *, cache=None, seeds=None):

@@ -146,8 +146,10 @@ def run(model, samples, io, *, task, features=None, batch_size=32, max_new_token
         with autocast:
             out = model.generate(ids.to(device), pad_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                  stop_ids=stop_ids, temperature=temperature, top_p=top_p, num_beams=num_beams,
-                                 all_done=all_done,
-                                 **features([data.image_sources(samples[i]) for i in idx]))
+                                 all_done=all_done, **features([data.image_sources(samples[i]) for i in idx]),
+                                 fusion_inputs=data.instruction_inputs(io.get('instruction_tok'),
+                                                                       [data.instruction_text(samples[i]) for i in idx],
+                                                                       device))
         for i, row in zip(idx, out.tolist()):
             if i not in real:
                 continue

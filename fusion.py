@@ -13,6 +13,9 @@ The hooks a fusion may use (model.py knows nothing else about fusion methods):
   fusion.image_features(vision, px)   optional: reads the tower its own way (LaVIN: the CLS of several blocks)
   fusion.prefix(has_image)            optional: (B, P, d) embeddings before every row (LaVIN's modality token)
   fusion.runs_without_images = True   optional: also called, with feats=None, for text-only batches (ADEM-VL)
+  fusion.instruction_tokenizer        optional: a folder with the fusion's own tokenizer.json; the data then tokenizes
+                                      each sample's instruction (its user text) in it, and the VLM passes
+                                      fusion(..., instruction_ids=, instruction_mask=) (B, L) (InstructBLIP's Q-Former)
   fusion.decay_patterns               optional: the parameter names weight decay applies to (Flamingo)
   decoder Block seams (model.py)      pre: x <- f(x, ctx) before the layer (Flamingo); attn_in: a <- f(a, ctx)
                                       on the normed attention input (LaVIN); ffn_side: out += f(h, ctx) beside
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 
 from model import IMAGE_TOKEN, Attention, Decoder, ViT, VLM, load_weights, read_config, resolve, run_block
 import peft
+from t5 import T5
 
 # -----------------------------------------------------------------------------
 # LLaVA-1.5 MLP projector
@@ -215,6 +219,9 @@ class QFormer(nn.Module):
         if text is not None:
             if not hasattr(self, 'word'):
                 raise ValueError("this Q-Former has no text embeddings (BLIP-2's): it takes no instruction tokens")
+            if text.shape[1] > self.word_pos.num_embeddings:
+                raise ValueError(f"instruction of {text.shape[1]} tokens > the Q-Former's "
+                                 f"{self.word_pos.num_embeddings} positions")
             pos = torch.arange(text.shape[1], device=text.device)  # the instruction's positions start at 0
             x = torch.cat([x, (self.word(text) + self.word_pos(pos)).to(x.dtype)], dim=1)  # (B, Q + L, dim)
             if text_mask is not None:  # keys: every query, the instruction's real tokens
@@ -234,6 +241,7 @@ class QFormerFusion(nn.Module):
     BLIP-2 recipe takes CLIP ViT-L/14 at vision_layer -2 without the final norm (LAVIS's clip_L)."""
 
     trainable = ('fusion.',)  # ln_vision, queries, Q-Former, proj (MiniGPT-4 deviates: trainable=('fusion.proj.',))
+    instruction_tokenizer = ''  # InstructBLIP: its checkpoint's qformer_tokenizer/ folder (build_qformer sets it)
 
     def __init__(self, vis_dim, lm_dim, *, dim=768, n_layers=12, n_heads=12, n_queries=32, mlp_dim=None,
                  cross_attention_freq=2, eps=1e-12, vis_eps=1e-5, dropout=0.1, text_vocab=0, text_positions=512):
@@ -247,19 +255,23 @@ class QFormerFusion(nn.Module):
     def n_tokens(self, n_vis):
         return self.qformer.query.shape[1]  # the queries, whatever the tower's token count
 
-    def forward(self, feats, *, has_image=None, ids=None, qformer_ids=None, qformer_mask=None):
-        """qformer_ids / qformer_mask (B, L): InstructBLIP's instruction in the Q-Former's vocabulary (None: BLIP-2)."""
-        return self.proj(self.qformer(self.ln_vision(feats), qformer_ids, qformer_mask)), {}  # (B, Q, d_LM)
+    def forward(self, feats, *, has_image=None, ids=None, instruction_ids=None, instruction_mask=None):
+        """instruction_ids / instruction_mask (B, L): InstructBLIP's instruction in the Q-Former's (BERT) vocabulary,
+        right-padded (None: BLIP-2, or an InstructBLIP Q-Former run on its queries alone)."""
+        return self.proj(self.qformer(self.ln_vision(feats), instruction_ids, instruction_mask)), {}  # (B, Q, d_LM)
 
 # Deviations from the reference code
 # - Left out for BLIP-2: the Q-Former's text branch (word / position embeddings, the text FFN, the MLM head) and
 #   the stage-1 losses that use it (ITC, ITM, ITG); stage 2 and MiniGPT-4 never give it text (blip2_opt.py and
 #   mini_gpt4.py set those modules to None). InstructBLIP (Dai et al. 2023, arXiv 2305.06500; LAVIS
 #   blip2_t5_instruct.py; parity reference transformers models/instructblip InstructBlipQFormerModel) keeps the
-#   embeddings and the text FFN for its instruction tokens (QFormer text_vocab, fusion(..., qformer_ids=,
-#   qformer_mask=)); the VLM does not yet hand them over from the data (no Q-Former tokenizer in data.py), so
-#   build_vlm runs an InstructBLIP Q-Former on the queries alone. Without qformer_init the Q-Former starts from BERT's init, not
-#   bert-base + stage 1 (Salesforce/blip2-itm-vit-g is BLIP-2's stage-1 model): it needs more data.
+#   embeddings and the text FFN for its instruction tokens (QFormer text_vocab, fusion(..., instruction_ids=,
+#   instruction_mask=)): the data tokenizes each sample's user text (LAVIS's text_input, also the LM's prompt) with
+#   the checkpoint's qformer_tokenizer ([CLS] ... [SEP], at most 128 tokens as LAVIS's max_txt_len; data.
+#   instruction_inputs). With an encoder-decoder LM (InstructBLIP-FlanT5) the visual tokens and the prompt go to
+#   the T5 encoder and the answer to its decoder (model.VLM.encdec_forward).
+# - Without qformer_init the Q-Former starts from BERT's init, not bert-base + stage 1 (Salesforce/blip2-itm-vit-g
+#   is BLIP-2's stage-1 model): it needs more data.
 # - The queries come after BOS ([BOS][queries] prompt); BLIP-2 prepends them ([queries][BOS] caption).
 # - Every public BLIP-2 Q-Former cross-attends to 1408-wide EVA ViT-g features: init_vision = the same Blip2 /
 #   InstructBLIP checkpoint loads that tower (model.py ViT kind 'eva'), with vision_norm=False (ln_vision here is
@@ -333,12 +345,14 @@ def load_blip2(fusion, name_or_path, *, projection=False, dtype=torch.float32, d
     load_weights(nn.ModuleDict(parts), resolve(name_or_path), blip2_key_map(n, fusion.qformer.cross_attention_freq,
                  projection=projection, instruct=instruct), dtype=dtype, device=device,
                  ignore=BLIP2_IGNORE + text_ffn + (() if projection else ('language_projection.',)))
+    fusion.pretrained_proj = projection  # PEFT methods that tune the Q-Former then leave it frozen (PETAL, head)
     return fusion
 
 
-def build_qformer(vis_dim, lm_dim, *, init='', dim=768, layers=12, heads=12, queries=32):
+def build_qformer(vis_dim, lm_dim, *, init='', dim=768, layers=12, heads=12, queries=32, projection=False):
     """QFormerFusion for the qformer_* keys: a new one of these sizes, or with `init` (qformer_init) a Blip2
-    checkpoint's, whose sizes must agree with them, with its weights loaded."""
+    checkpoint's, whose sizes must agree with them, with its weights loaded; projection=True also loads its
+    language_projection (build_vlm: when the LM is that checkpoint's own, init_lm == qformer_init)."""
     size = dict(dim=dim, n_layers=layers, n_heads=heads, n_queries=queries)
     if not init:
         return QFormerFusion(vis_dim, lm_dim, **size)
@@ -351,7 +365,14 @@ def build_qformer(vis_dim, lm_dim, *, init='', dim=768, layers=12, heads=12, que
         raise ValueError(f"qformer_init {init} cross-attends to {kw['vis_dim']}-wide image features (1408: EVA "
                          f"ViT-g), but the tower (init_vision) is {vis_dim} wide; a pretrained Q-Former needs a tower "
                          f"of its width (or leave qformer_init empty)")
-    return load_blip2(QFormerFusion(lm_dim=lm_dim, **kw), init)
+    fusion = load_blip2(QFormerFusion(lm_dim=lm_dim, **kw), init, projection=projection)
+    if 'text_vocab' in kw:  # InstructBLIP: the instruction goes through its own BERT tokenizer
+        folder = resolve(init) / 'qformer_tokenizer'
+        if not (folder / 'tokenizer.json').is_file():
+            raise FileNotFoundError(f"qformer_init {init}: an InstructBLIP checkpoint needs qformer_tokenizer/"
+                                    f"tokenizer.json (the Q-Former's BERT tokenizer for the instruction), not in {folder}")
+        fusion.instruction_tokenizer = str(folder)
+    return fusion
 
 # -----------------------------------------------------------------------------
 # Perceiver Resampler (Flamingo's; Jaegle et al. 2021's Perceiver cross-attention with learned latents)
@@ -1010,18 +1031,32 @@ def arch_keys(cfg):
     return [k for k in cfg if k in MODEL_KEYS or method_of(k) in chosen]
 
 
+def is_encoder_decoder(name_or_path):
+    """Whether a checkpoint's language model is an encoder-decoder (T5; also nested as an InstructBLIP /
+    BLIP-2 text_config): its config.json decides, as transformers' is_encoder_decoder."""
+    d = read_config(resolve(name_or_path))
+    return d.get('model_type') == 't5' or (d.get('text_config') or {}).get('model_type') == 't5'
+
+
 def build_vlm(cfg, dtype=torch.float32, device='cpu'):
     """cfg keys: init_vision, init_lm (hub id or folder), fusion (one of FUSIONS), peft ('' | 'lora' | ..., see
     peft.apply), vision_layer, vision_norm, vision_feature, trainable (name patterns; () = the methods'
     defaults), and the chosen methods' own prefixed keys (train.py's globals document them)."""
     vision = ViT.from_pretrained(cfg['init_vision'], dtype=dtype, device=device)
-    lm = Decoder.from_pretrained(cfg['init_lm'], dtype=dtype, device=device)
     name, own = cfg['fusion'], method_keys(cfg, cfg['fusion'])
+    if is_encoder_decoder(cfg['init_lm']):  # T5 / FlanT5, or InstructBLIP-FlanT5's language_model
+        if name not in ('qformer', 'llava'):
+            raise ValueError(f"fusion {name!r} works inside a decoder-only LM's layers, but init_lm {cfg['init_lm']} is "
+                             f"an encoder-decoder LM (T5): use an input-level fusion, 'qformer' or 'llava'")
+        lm = T5.from_pretrained(cfg['init_lm'], dtype=dtype, device=device)
+    else:
+        lm = Decoder.from_pretrained(cfg['init_lm'], dtype=dtype, device=device)
     select = cfg.get('vision_feature', 'patch') if vision.cfg.cls_token else 'cls_patch'  # SigLIP: no CLS token
     if name == 'llava':
         fusion = build_llava(vision, lm, select=select, **own)
-    elif name == 'qformer':
-        fusion = build_qformer(vision.cfg.dim, lm.cfg.dim, **own)
+    elif name == 'qformer':  # an InstructBLIP / BLIP-2 checkpoint that is also init_lm brings its LM's projection
+        fusion = build_qformer(vision.cfg.dim, lm.cfg.dim, projection=bool(own.get('init')) and
+                               own.get('init') == cfg['init_lm'], **own)
     elif name == 'flamingo':
         fusion = attach_flamingo(vision, lm, **own)
     elif name == 'mmca':

@@ -787,7 +787,8 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 
 
 LM_IGNORE = ('rotary_emb.inv_freq', 'vision_tower.', 'model.vision_tower.', 'vision_model.',
-             'multi_modal_projector.', 'model.multi_modal_projector.')
+             'multi_modal_projector.', 'model.multi_modal_projector.',
+             'qformer.', 'query_tokens', 'language_projection.')  # BLIP-2 / InstructBLIP-Vicuna saves: the fusion's
 
 
 def lm_key_map(cfg: LMConfig):
@@ -990,7 +991,8 @@ IMAGE_TOKEN = -200   # placeholder id in input_ids; each is replaced by one visu
 
 
 class VLM(nn.Module):
-    """A vision tower and a decoder joined by a fusion method (fusion.py). The fusion is called as
+    """A vision tower and a decoder joined by a fusion method (fusion.py); the LM may also be an encoder-decoder
+    (t5.T5, `lm.is_encoder_decoder`: see encdec_forward). The fusion is called as
     fusion(feats, has_image=, ids=) and returns (tokens, media): `tokens` (B, n, d) are spliced into the
     token embeddings at the IMAGE_TOKEN positions (input-level fusion: LLaVA, Q-Former, ADEM-VL's CLS);
     `media` (a dict) reaches the modules the fusion placed in the decoder's seams through ctx.media, at
@@ -1036,9 +1038,10 @@ class VLM(nn.Module):
                 return self.fusion.image_features(self.vision, pixels)
             return self.vision(pixels, layer=self.vision_layer, norm=self.vision_norm)
 
-    def embed(self, ids, feats, has_image=None):
+    def embed(self, ids, feats, has_image=None, fusion_inputs=None):
         """Token embeddings (B, P + T, d) with the visual tokens spliced in and the fusion's prefix (P tokens,
-        usually none) in front, and the fusion's media."""
+        usually none) in front, and the fusion's media. fusion_inputs: extra keyword arguments for the fusion
+        (InstructBLIP's instruction_ids / instruction_mask: the instruction in the Q-Former's vocabulary)."""
         x = self.lm.embed_tokens(ids.clamp(min=0))  # (B, T, d); placeholders embed as id 0, then overwritten
         if feats is not None and feats.dim() == 4:  # (B, M, N, Dv) -> (B*M, N, Dv): image j of row b at b*M + j
             feats = feats.flatten(0, 1)
@@ -1057,7 +1060,7 @@ class VLM(nn.Module):
             return x, {}
         P = x.shape[1] - ids.shape[1]
         ids = F.pad(ids, (P, 0)) if P and self.prompts else ids  # (B, P + T): prefix positions are text
-        tokens, media = self.fusion(feats, has_image=has_image, ids=ids)
+        tokens, media = self.fusion(feats, has_image=has_image, ids=ids, **(fusion_inputs or {}))
         slots = ids == IMAGE_TOKEN  # (B, T) or (B, P + T)
         if tokens is not None:
             tokens = tokens[has_image]  # (n_img, n, d)
@@ -1071,12 +1074,16 @@ class VLM(nn.Module):
             raise ValueError(f"{type(self.fusion).__name__} adds no input tokens but the batch has image placeholders")
         return x, media
 
-    def forward(self, ids, *, pixels=None, feats=None, has_image=None, labels=None, n_norm=None):
+    def forward(self, ids, *, pixels=None, feats=None, has_image=None, labels=None, n_norm=None, fusion_inputs=None,
+                pad_mask=None, dec_ids=None):
         """Logits (B, T, V), or with labels the summed next-token loss over labelled positions divided
-        by n_norm (default: their count), computing the vocabulary head only where a label is."""
+        by n_norm (default: their count), computing the vocabulary head only where a label is.
+        An encoder-decoder LM (lm.is_encoder_decoder, t5.T5): see encdec_forward (pad_mask, dec_ids)."""
         if feats is None and pixels is not None:
             feats = self.image_features(pixels)
-        x, media = self.embed(ids, feats, has_image)
+        x, media = self.embed(ids, feats, has_image, fusion_inputs)
+        if getattr(self.lm, 'is_encoder_decoder', False):
+            return self.encdec_forward(x, labels, n_norm=n_norm, pad_mask=pad_mask, dec_ids=dec_ids)
         h = self.lm(embeds=x, media=media)[:, x.shape[1] - ids.shape[1]:]  # drop the prefix's outputs: (B, T, d)
         if labels is None:
             return self.lm.logits(h)
@@ -1086,23 +1093,58 @@ class VLM(nn.Module):
         n = n_norm if n_norm is not None else keep.sum().clamp(min=1)
         return F.cross_entropy(logits, tgt[keep], reduction='sum') / n + sum(f(labels) for f in self.aux_losses.values())
 
+    def encdec_forward(self, x, labels=None, *, n_norm=None, pad_mask=None, dec_ids=None):
+        """An encoder-decoder LM (InstructBLIP-FlanT5, LAVIS blip2_t5_instruct.py): the prompt with its visual tokens
+        goes to the encoder, the answer to the decoder. With labels, x (B, T, d) is a training sample as the data
+        lays it out for any LM ([prompt][answer][right padding], the answer's tokens labelled, one run per row):
+        encoder input x[:, :first label] (with its padding masked), decoder targets the labelled tokens, decoder
+        input [decoder_start] + targets[:-1] (T5's shift_right); returns the summed loss / n_norm (default: the
+        target count). Without labels: decoder logits (B, L, V) of dec_ids (B, L) given x with pad_mask (B, T)."""
+        if labels is None:
+            return self.lm.decode(dec_ids, self.lm.encode(embeds=x, mask=pad_mask), pad_mask)
+        B, T = labels.shape
+        lab = labels != IGNORE_INDEX  # (B, T)
+        n_lab = lab.sum(1)  # (B,)
+        first = torch.where(n_lab > 0, lab.long().argmax(1), T)  # (B,) the answer's start (T: a row without one)
+        pos = torch.arange(T, device=labels.device)
+        if not torch.equal(lab, (pos >= first[:, None]) & (pos < (first + n_lab)[:, None])):
+            raise ValueError("an encoder-decoder LM trains on one answer per sample: the labelled tokens must be one "
+                             "run after the prompt (multi-turn conversations need a decoder-only LM)")
+        S, L = int(first.max()), max(int(n_lab.max()), 1)
+        enc_mask = pos[None, :S] < first[:, None]  # (B, S) the prompt; what follows it in a row is padding here
+        enc = self.lm.encode(embeds=x[:, :S], mask=enc_mask)  # (B, S, d)
+        j = torch.arange(L, device=labels.device)
+        tgt = labels.gather(1, (first[:, None] + j).clamp(max=T - 1))  # (B, L) the answer, left-aligned
+        tgt = tgt.masked_fill(j >= n_lab[:, None], IGNORE_INDEX)
+        dec_in = torch.cat([torch.full_like(tgt[:, :1], self.lm.cfg.decoder_start_id), tgt[:, :-1]], 1)
+        logits = self.lm.decode(dec_in.masked_fill(dec_in == IGNORE_INDEX, self.lm.cfg.pad_id), enc, enc_mask)
+        keep = tgt != IGNORE_INDEX
+        n = n_norm if n_norm is not None else keep.sum().clamp(min=1)
+        return (F.cross_entropy(logits[keep].float(), tgt[keep], reduction='sum') / n
+                + sum(f(labels) for f in self.aux_losses.values()))  # PETAL's bottleneck on InstructBLIP-FlanT5
+
     @torch.inference_mode()
-    def generate(self, ids, *, pad_mask=None, pixels=None, feats=None, has_image=None, **kw):
+    def generate(self, ids, *, pad_mask=None, pixels=None, feats=None, has_image=None, fusion_inputs=None, **kw):
         """Greedy / sampled / beam-searched (num_beams > 1) continuation of left-padded prompts (B, T) with their
-        images; see Decoder.generate."""
-        ids, x, media, pad_mask = self.prompt(ids, pad_mask, pixels, feats, has_image)
+        images; see Decoder.generate (an encoder-decoder LM: its generate, from the encoded prompt)."""
+        ids, x, media, pad_mask = self.prompt(ids, pad_mask, pixels, feats, has_image, fusion_inputs)
+        if getattr(self.lm, 'is_encoder_decoder', False):
+            return self.lm.generate(embeds=x, mask=pad_mask, **kw)
         return self.lm.generate(ids, embeds=x, media=media, pad_mask=pad_mask, **kw)
 
     @torch.inference_mode()
-    def stream(self, ids, *, pad_mask=None, pixels=None, feats=None, has_image=None, **kw):
-        ids, x, media, pad_mask = self.prompt(ids, pad_mask, pixels, feats, has_image)
+    def stream(self, ids, *, pad_mask=None, pixels=None, feats=None, has_image=None, fusion_inputs=None, **kw):
+        ids, x, media, pad_mask = self.prompt(ids, pad_mask, pixels, feats, has_image, fusion_inputs)
+        if getattr(self.lm, 'is_encoder_decoder', False):
+            yield from self.lm.stream(embeds=x, mask=pad_mask, **kw)
+            return
         yield from self.lm.stream(ids, embeds=x, media=media, pad_mask=pad_mask, **kw)
 
-    def prompt(self, ids, pad_mask, pixels, feats, has_image):
+    def prompt(self, ids, pad_mask, pixels, feats, has_image, fusion_inputs=None):
         """The prompt's ids, embeddings, media and pad mask as the decoder generates from them."""
         if feats is None and pixels is not None:
             feats = self.image_features(pixels)
-        x, media = self.embed(ids, feats, has_image)
+        x, media = self.embed(ids, feats, has_image, fusion_inputs)
         P = x.shape[1] - ids.shape[1]
         if P:  # the prefix goes before the left padding, and is never padding itself
             ids = F.pad(ids, (P, 0))

@@ -611,7 +611,8 @@ def apply_head_tuning(model, *, target='auto'):
             raise ValueError(f"head_target='qformer' needs a fusion with a Q-Former (fusion='qformer'); "
                              f"{type(model.fusion).__name__} has none: use head_target='lm'")
         i = len(model.fusion.qformer.layers) - 1
-        model.fusion.trainable = ('fusion.proj.',)  # the Q-Former is what is tuned; the new projection still trains
+        # the Q-Former is what is tuned; a new projection still trains, a loaded one (InstructBLIP's) stays frozen
+        model.fusion.trainable = () if getattr(model.fusion, 'pretrained_proj', False) else ('fusion.proj.',)
         return (f'fusion.qformer.layers.{i}.fc1.',) + \
             ((f'fusion.qformer.layers.{i}.text_fc1.',) if hasattr(model.fusion.qformer.layers[i], 'text_fc1') else ())
     if target == 'lm':
@@ -619,8 +620,9 @@ def apply_head_tuning(model, *, target='auto'):
         return (f"lm.blocks.{i}.ffn.{'gate' if model.lm.blocks[i].ffn.gate is not None else 'up'}.",)
     raise ValueError(f"head_target must be 'auto', 'qformer' or 'lm', not {target!r}")
 
-# Deviations from the reference code: with a Q-Former, its projection into our LM trains too (build_qformer never
-# loads one, so it is new); PETAL's InstructBLIP keeps its pretrained t5_proj frozen.
+# Deviations from the reference code: with a Q-Former whose projection into our LM is new (not loaded from an
+# InstructBLIP checkpoint with its own LM), that projection trains too; PETAL's InstructBLIP keeps its pretrained
+# t5_proj frozen, as we do when it is loaded.
 # -----------------------------------------------------------------------------
 # PETAL: Zhai et al. 2023, "When Parameter-efficient Tuning Meets General-purpose Vision-language Models"
 # (arXiv 2312.12458). Reference: melonking32/PETAL lavis/models/blip2_models/Qformer_PETAL_MOE.py
@@ -724,7 +726,8 @@ def apply_petal(model, *, target='auto', rank=64, dropout=0.1, experts=6, expert
                 layer.xattn_out.append(PETALBatchContext())
             layer.side.append(PETALScaleShift(dim))
         qf.embed_out.append(PETALExperts(dim, n=experts, rank=expert_rank))
-        model.fusion.trainable = ('fusion.proj.',)  # the Q-Former is what PETAL tunes; the new projection trains
+        # the Q-Former is what PETAL tunes; a new projection still trains, a loaded one (InstructBLIP's) stays frozen
+        model.fusion.trainable = () if getattr(model.fusion, 'pretrained_proj', False) else ('fusion.proj.',)
         target_module, ref = qf, qf.query
     elif target == 'lm':
         lm, cfg = model.lm, model.lm.cfg
@@ -828,12 +831,19 @@ def names(cfg):
     return chosen
 
 
+DECODER_ONLY = ('ia3', 'llama_adapter', 'bias_scale', 'adapters', 'maple')  # they use model.Decoder's blocks and seams
+
+
 def apply(model, cfg):
     """Apply the config's PEFT methods to a VLM; returns {method: parameter-name patterns that train by default}."""
     trains = {}
     vision_blocks = cfg.get('vision_layer', -1) % (len(model.vision.blocks) + 1)  # the tower blocks the VLM runs
     for name in names(cfg):
         own = {k[len(name) + 1:]: v for k, v in cfg.items() if k.startswith(name + '_')}
+        if getattr(model.lm, 'is_encoder_decoder', False) and (name in DECODER_ONLY or own.get('target') == 'lm'):
+            raise ValueError(f"peft={name!r} acts on a decoder-only LM's blocks, but init_lm is an encoder-decoder "
+                             f"(T5); on InstructBLIP-FlanT5 use lora (with path targets), prompt_tuning, head, "
+                             f"petal or clip_adapter")
         if name == 'lora':
             apply_lora(model, **own)
             trains[name] = ('lora_',)

@@ -53,11 +53,16 @@ if image and not ckpt:
 stop_ids = data.stop_ids(tok, chat_template)
 
 
-def stream(ids, images=None):
-    """Generate from prompt ids, printing text as it forms; returns the answer text."""
+def stream(ids, images=None, instruction=''):
+    """Generate from prompt ids, printing text as it forms; returns the answer text. instruction: the user's text,
+    for a fusion that reads it in its own tokenizer (InstructBLIP's Q-Former)."""
     x = torch.tensor([ids], device=device)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids)
-    steps = vlm.stream(x, **images, **kw) if vlm is not None else lm.stream(x, **kw)
+    if vlm is not None:
+        fusion_inputs = data.instruction_inputs(io['instruction_tok'], [instruction], device)
+        steps = vlm.stream(x, **images, fusion_inputs=fusion_inputs, **kw)
+    else:
+        steps = lm.stream(x, **kw)
     out, shown = [], ''
     for t in steps:
         if int(t) in stop_ids:
@@ -77,7 +82,7 @@ if not chat:
     if not prompt:
         raise SystemExit("--chat=False needs --prompt")
     print(prompt, end='')
-    stream(tok.encode(prompt, bos=tok.add_bos))
+    stream(tok.encode(prompt, bos=tok.add_bos), images, instruction=prompt)
     sys.exit()
 
 messages = []
@@ -92,6 +97,6 @@ while True:
     messages.append(('user', text))
     ids = data.encode_prompt(tok, chat_template, messages, n_image_tokens=n_image_tokens, max_len=lm.cfg.max_seq_len,
                              system=system_used)
-    messages.append(('assistant', stream(ids, images)))
+    messages.append(('assistant', stream(ids, images, instruction=text.replace(data.IMAGE_PLACEHOLDER, '').strip())))
     if prompt:
         break

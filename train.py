@@ -352,7 +352,7 @@ def image_inputs(images, loaded=None):
 
 
 def image_args(b):
-    return {k: b[k] for k in ('pixels', 'feats', 'has_image')}
+    return {k: b[k] for k in ('pixels', 'feats', 'has_image', 'fusion_inputs')}
 
 
 def host_batch(ds, indices, positions=None):
@@ -364,7 +364,8 @@ def host_batch(ds, indices, positions=None):
 
 
 def to_device(b, loaded):
-    return dict(ids=b['input_ids'].to(device), labels=b['labels'].to(device), **image_inputs(b['images'], loaded))
+    return dict(ids=b['input_ids'].to(device), labels=b['labels'].to(device), **image_inputs(b['images'], loaded),
+                fusion_inputs=data.instruction_inputs(io['instruction_tok'], b['instructions'], device))  # InstructBLIP
 
 
 def get_batch(ds, indices):

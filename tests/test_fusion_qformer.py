@@ -107,7 +107,7 @@ def test_instructblip_fusion_parity_with_image_features(instructblip):
         want = ref.get_image_features(pixel_values=px, qformer_input_ids=ids, qformer_attention_mask=mask.long())
         want = want.pooler_output if hasattr(want, 'pooler_output') else want
         feats = ref.vision_model(pixel_values=px, output_hidden_states=True).hidden_states[-1]
-        got, _ = ours(feats, qformer_ids=ids, qformer_mask=mask)
+        got, _ = ours(feats, instruction_ids=ids, instruction_mask=mask)
     assert rel_err(got, want) < TOL
 
 
@@ -407,7 +407,8 @@ def okvqa_root(tmp_path_factory):
 
 def test_instructblip_vicuna_okvqa_config_and_head_tuning_take_two_steps(tiny, okvqa_root, tmp_path, monkeypatch):
     """config/instructblip_vicuna_okvqa.py (PETAL's VQA recipe, the full fine-tune baseline) on tiny stand-ins
-    and a tiny Blip2 checkpoint, then its head-tuning variant: only the last Q-Former layer's fc1 trains."""
+    and a tiny Blip2 checkpoint (a BLIP-2 Q-Former also loads into the recipe; tests/test_instructblip.py builds
+    the whole InstructBLIP-Vicuna), then its head-tuning variant: only the last Q-Former layer's fc1 trains."""
     blip = tmp_path / 'blip2'
     save_blip2(blip, vis_dim=32, n_layers=2, n_queries=8)
     args = [str(ROOT / 'config' / 'instructblip_vicuna_okvqa.py'), *tiny_args(tiny, okvqa_root, tmp_path / 'full'),
@@ -415,7 +416,7 @@ def test_instructblip_vicuna_okvqa_config_and_head_tuning_take_two_steps(tiny, o
     g = train(monkeypatch, *args)
     assert g['step'] == 2 and g['dataset'] == 'okvqa' and g['weight_decay'] == 0.02 and g['learning_rate'] == 2e-5
     assert len(g['train_ds']) == 6 and len(losses(tmp_path / 'full')) == 2
-    assert g['train_ds'].samples[0]['messages'][0][1] == '<image>\nQuestion: What color is the shape? Short answer:'
+    assert g['train_ds'].samples[0]['messages'][0][1] == '<image>Question: What color is the shape? Short answer:'
     result = json.load(open(tmp_path / 'full' / 'eval_val.json'))
     assert result['task'] == 'okvqa' and result['n'] == 2 and 'overall' in result['metrics']
     ckpt = torch.load(tmp_path / 'full' / 'ckpt.pt', weights_only=True)

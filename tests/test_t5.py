@@ -49,7 +49,7 @@ def test_t5_cached_decoding_and_greedy_generation_match(tmp_path):
     with torch.no_grad():
         enc = ours.encode(ids, mask)
         full = ours.decode(dec, enc, mask)
-        cache = {'len': 0, 'layers': [{'self': {}, 'cross': {}} for _ in ours.dec]}
+        cache = ours.new_cache()
         steps = [ours.decode(dec[:, :3], enc, mask, cache)] + [ours.decode(dec[:, t:t + 1], enc, mask, cache)
                                                                for t in range(3, 9)]
     assert rel_err(torch.cat(steps, 1), full) < TOL
