@@ -398,27 +398,27 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # = h * rsqrt(mean(h^2) + eps), one kernel on GPUs
         if self.plus_one:
             return (h * (1.0 + self.weight.float())).type_as(x)
         return self.weight * h.type_as(x)
 
 
 def rope_tables(pos, head_dim, theta, dtype):
-    """cos/sin tables for integer positions pos (B, T) -> (B, T, head_dim) each, computed in float32.
-    Su et al. 2021 (RoFormer); HF's rotate-half layout: frequencies repeated over both halves."""
+    """cos and signed sin tables for integer positions pos (B, T) -> (B, T, head_dim) each, computed in float32.
+    Su et al. 2021 (RoFormer); HF's rotate-half layout: frequencies repeated over both halves. The sin table
+    carries rotate_half's sign (-sin on the first half), so that apply_rope needs no concatenation per call."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim))
     ang = pos.float()[..., None] * inv_freq  # (B, T, head_dim/2)
-    ang = torch.cat([ang, ang], dim=-1)  # (B, T, head_dim)
-    return ang.cos().to(dtype), ang.sin().to(dtype)
+    cos, sin = ang.cos(), ang.sin()
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)  # once per forward
 
 
 def apply_rope(x, cos, sin):
-    """x (B, nh, T, hd); cos, sin (B, T, hd). Rotates pairs (i, i + hd/2)."""
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """x (B, nh, T, hd); cos, signed sin (B, T, hd). Rotates pairs (i, i + hd/2): HF's
+    x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1) = roll(x, hd/2) * sign, the sign in `sin`
+    (the same numbers bit for bit, one copy fewer)."""
+    return x * cos[:, None] + x.roll(x.shape[-1] // 2, dims=-1) * sin[:, None]
 
 
 @dataclass
@@ -430,6 +430,7 @@ class Ctx:
     mask: torch.Tensor = None       # (B, 1, T, S) bool, True = may attend; None = plain causal
     cache: 'KVCache' = None
     media: dict = field(default_factory=dict)
+    seq_lens: tuple = None          # packed samples: the lengths of the samples laid end to end in one row
 
 
 class KVCache:
@@ -492,9 +493,21 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, ctx: Ctx):
         scale = self.cfg.attn_scale or None
+        if ctx.seq_lens is not None:
+            return packed_attention(q, k, v, ctx.seq_lens, scale)
         if ctx.mask is None:  # plain causal over T == S, or a single query that may see every key
             return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True, scale=scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True, scale=scale)
+
+
+@torch.compiler.disable  # the segment lengths change every batch: compiled blocks call this eagerly
+def packed_attention(q, k, v, seq_lens, scale=None):
+    """Padding-free packing (as flash-attn's varlen kernels, Dao 2023): q, k, v (1, nh | n_kv, T, hd) hold several
+    samples end to end, T = sum(seq_lens); each attends causally to itself only. One causal SDPA per sample costs
+    what the samples cost alone (one masked T x T attention would cost the square of the row)."""
+    out = [F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True, scale=scale)
+           for qi, ki, vi in zip(q.split(seq_lens, 2), k.split(seq_lens, 2), v.split(seq_lens, 2))]
+    return torch.cat(out, dim=2)  # (1, nh, T, hd)
 
 
 class MLP(nn.Module):
@@ -576,21 +589,31 @@ class Decoder(nn.Module):
     def logits(self, h):
         return F.linear(h, self.embed.weight if self.head is None else self.head.weight)
 
-    def forward(self, idx=None, *, embeds=None, pos=None, pad_mask=None, cache=None, media=None):
+    def forward(self, idx=None, *, embeds=None, pos=None, pad_mask=None, cache=None, media=None, seq_lens=None):
         """Final-normed hidden states (B, T, D); apply `logits()` for the vocabulary.
         idx (B, T) token ids, or embeds (B, T, D) already embedded (the VLM splices visual tokens).
         pos (B, T) positions (default: cache.pos + arange). pad_mask (B, S) bool over every key
-        position (cached + new; False = padding), for left-padded batches. media: fusion memory."""
+        position (cached + new; False = padding), for left-padded batches. media: fusion memory.
+        seq_lens: a packed row (B = 1) of samples with these lengths, end to end: positions restart at every
+        sample and attention stays inside it (data.pack), so the row computes what the samples compute alone."""
         x = self.embed_tokens(idx) if embeds is None else embeds
         B, T, _ = x.shape
         start = cache.pos if cache is not None else 0
+        if seq_lens is not None:
+            seq_lens = tuple(int(n) for n in seq_lens)
+            if B != 1 or sum(seq_lens) != T or cache is not None or pad_mask is not None:
+                raise ValueError(f"packed samples (seq_lens, {len(seq_lens)} of them, {sum(seq_lens)} tokens) need one row "
+                                 f"of exactly that many tokens, no cache and no pad_mask; got a ({B}, {T}) input")
+            if self.cfg.alibi or self.cfg.sliding_window:
+                raise ValueError("packed samples are not supported with ALiBi (MPT) or a sliding window (Mistral)")
+            pos = torch.cat([torch.arange(n, device=x.device) for n in seq_lens])[None]  # (1, T), 0 at each start
         if pos is None:
             pos = torch.arange(start, start + T, device=x.device).expand(B, T)
         cos, sin = (None, None) if self.cfg.alibi else rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         mask = self.attn_mask(B, T, start, pad_mask, x.device)
         if self.cfg.alibi:
             mask = self.alibi_bias(mask, B, T, start, x.dtype, x.device)
-        ctx = Ctx(cos=cos, sin=sin, mask=mask, cache=cache, media=media if media is not None else {})
+        ctx = Ctx(cos=cos, sin=sin, mask=mask, cache=cache, media=media if media is not None else {}, seq_lens=seq_lens)
         for blk in self.blocks:
             x = run_block(blk, x, ctx, recompute=self.grad_checkpoint)
         if cache is not None:
@@ -1055,13 +1078,17 @@ class VLM(nn.Module):
             raise ValueError(f"{type(self.fusion).__name__} adds no input tokens but the batch has image placeholders")
         return x, media
 
-    def forward(self, ids, *, pixels=None, feats=None, has_image=None, labels=None, n_norm=None):
+    def forward(self, ids, *, pixels=None, feats=None, has_image=None, labels=None, n_norm=None, seq_lens=None):
         """Logits (B, T, V), or with labels the summed next-token loss over labelled positions divided
-        by n_norm (default: their count), computing the vocabulary head only where a label is."""
+        by n_norm (default: their count), computing the vocabulary head only where a label is.
+        seq_lens: ids is one packed row of samples with these lengths (data.pack; input-level fusions only)."""
         if feats is None and pixels is not None:
             feats = self.image_features(pixels)
         x, media = self.embed(ids, feats, has_image)
-        h = self.lm(embeds=x, media=media)[:, x.shape[1] - ids.shape[1]:]  # drop the prefix's outputs: (B, T, d)
+        if seq_lens is not None and (media or x.shape[1] != ids.shape[1]):
+            raise ValueError(f"packed samples need a fusion that only splices input tokens (LLaVA, Q-Former); "
+                             f"{type(self.fusion).__name__} adds media or a prefix")
+        h = self.lm(embeds=x, media=media, seq_lens=seq_lens)[:, x.shape[1] - ids.shape[1]:]  # drop the prefix: (B, T, d)
         if labels is None:
             return self.lm.logits(h)
         tgt = labels[:, 1:]
