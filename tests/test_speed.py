@@ -136,3 +136,24 @@ def test_int8_linear_and_decoder(tiny):
     assert sum(isinstance(m, Int8Linear) for m in lm.modules()) == 7 * 2 + 1  # every block linear and the head
     assert ((got - want).abs().max() / want.abs().max()) < 0.05
     assert lm.generate(ids, max_new_tokens=4).shape == (2, 4)
+
+
+def test_train_py_packed_run_logs_the_padded_losses(tiny, shapes_json, tmp_path, monkeypatch):
+    import json
+    from test_train import base_args, losses, train
+    logs = {}
+    for name, kw in (('padded', {}), ('packed', dict(pack=True)), ('nf4', dict(quantize='nf4'))):
+        if name == 'nf4':
+            pytest.importorskip('torchao')
+        out = tmp_path / name
+        train(monkeypatch, *base_args(tiny, shapes_json, out, max_iters=3, eval_interval=3, **kw))
+        logs[name] = [r for r in map(json.loads, open(out / 'log.jsonl')) if 'loss' in r]
+    a, b = [r['loss'] for r in logs['padded']], [r['loss'] for r in logs['packed']]
+    assert len(a) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    assert all(abs(x - y) < 0.05 * x for x, y in zip(a, [r['loss'] for r in logs['nf4']]))  # 4-bit base: close
+    rec = logs['packed'][-1]
+    assert rec['grad_norm'] > 0 and rec['data_s'] >= 0 and rec['mem_gb'] > 0 and rec['tok_s'] > 0
+    assert logs['packed'][-1]['tok_s'] > 0 and 'mfu' not in rec  # no MFU on a CPU unless peak_tflops is given
+    with pytest.raises(SystemExit, match='pack=True needs a fusion'):
+        train(monkeypatch, *base_args(tiny, shapes_json, tmp_path / 'x', pack=True, fusion='adem', peft='',
+                                      lora_r=None, trainable=None))
