@@ -2,13 +2,20 @@
 Benchmarks: speed/memory side by side with the reference stack, in one run, quoted as ratios; no assertions.
 
 python bench.py                    # every benchmark
-python bench.py caption_metrics    # just the named ones (caption_metrics, decode, methods)
+python bench.py caption_metrics    # just the named ones (caption_metrics, decode, train, methods)
+
+Every benchmark process runs with OMP_WAIT_POLICY=PASSIVE (set here, before torch loads OpenMP): with OpenMP's
+default busy-waiting, 2-thread ops ran ~10x slower on a loaded machine. Shared machines are noisy: compare the
+ratios of one run, never absolute times across runs.
 """
 
+import os
 import random
 import sys
 import time
 import tracemalloc
+
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch is imported (each benchmark imports it)
 
 # -----------------------------------------------------------------------------
 # caption metrics: eval.py against pycocoevalcap's scorers
@@ -132,6 +139,159 @@ def bench_decode(model='checkpoints/SmolLM2-135M-Instruct', new_tokens=64, repea
 
 
 # -----------------------------------------------------------------------------
+# training step: our LLaVA + LoRA against transformers' LlavaForConditionalGeneration + peft LoRA, at equal work
+
+
+def _rss_reset():
+    """Reset the process's peak resident set (Linux: writing 5 to clear_refs resets VmHWM); returns the RSS now."""
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    return _proc_status('VmRSS')
+
+
+def _proc_status(field):
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ':'))  # bytes
+
+
+def _hf_peft():
+    """HF's peft package, which our peft.py shadows inside this repo. Import fusion.py (which binds ours) first:
+    HF peft is imported with the repo off sys.path and stays `peft` in sys.modules, for its own lazy imports."""
+    import importlib
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.modules.pop('peft', None)
+    path = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != here]
+    try:
+        return importlib.import_module('peft')
+    finally:
+        sys.path[:] = path
+
+
+def bench_train(vision='checkpoints/dinov2-small-imgfocus', lm='checkpoints/SmolLM2-135M-Instruct', batch=2,
+                text=(24, 232), image_size=336, repeats=2, threads=0, seed=0):
+    """One optimizer step (forward, backward, AdamW) of the same LLaVA-1.5 + LoRA job on both stacks: the frozen
+    DINOv2-S tower at 336 px (24 x 24 = 576 visual tokens, the count CLIP-L/336 gives LLaVA-1.5), the LLaVA
+    projector (trained), the frozen SmolLM2-135M with LoRA r8 / alpha 16 on every LM linear (q k v o gate up down),
+    `batch` samples whose text lengths spread over `text` (so a padded batch pads). Both start from the same
+    weights (peft's LoRA A copied into ours, our projector into theirs) and must compute the same loss first.
+    transformers + peft is used as a user would: right-padded batch, its own loss, torch's AdamW defaults (on CPU
+    a for-loop over the parameters). Ours: the padded batch, packed (data.pack) and with compiled blocks.
+    Seconds per step (best of `repeats`, variants interleaved, after a warm-up step that compiles) and the
+    step's peak memory above what was resident before it (VmHWM after clear_refs; glibc is told to give big
+    blocks back to the system at once, so the resident set follows live tensors). float32, no dropout."""
+    import ctypes
+    ctypes.CDLL('libc.so.6').mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD 64 KiB, fixed: freed tensors leave the RSS
+    import torch
+    import transformers as T
+    import data
+    from fusion import build_vlm
+    from model import IMAGE_TOKEN
+    hf_peft = _hf_peft()
+    if threads:
+        torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(seed)
+    targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+    cfg = dict(init_vision=vision, init_lm=lm, fusion='llava', peft='lora', lora_r=8, lora_alpha=16, lora_dropout=0.0,
+               lora_targets=targets, vision_layer=-1, vision_norm=False, vision_feature='patch')
+    ours, ours_c = build_vlm(cfg).train(), build_vlm(cfg).train()  # eager; blocks compiled
+    for blk in ours_c.lm.blocks:
+        blk.compile()
+    image_id = 49151  # a token id the random text never uses (< 49000)
+    hf = T.LlavaForConditionalGeneration(T.LlavaConfig(
+        vision_config=T.Dinov2Config.from_pretrained(vision), text_config=T.LlamaConfig.from_pretrained(lm),
+        image_token_index=image_id, vision_feature_layer=-1, vision_feature_select_strategy='default',
+        projector_hidden_act='gelu'))
+    hf.model.vision_tower.load_state_dict(T.Dinov2Model.from_pretrained(vision).state_dict())
+    llama = T.LlamaForCausalLM.from_pretrained(lm)
+    hf.model.language_model.load_state_dict(llama.model.state_dict())
+    hf.lm_head.weight = hf.model.language_model.embed_tokens.weight  # SmolLM2 ties its head
+    del llama
+    hf_names = {'q': 'self_attn.q_proj', 'k': 'self_attn.k_proj', 'v': 'self_attn.v_proj', 'o': 'self_attn.o_proj',
+                'gate': 'mlp.gate_proj', 'up': 'mlp.up_proj', 'down': 'mlp.down_proj'}
+    hf = hf_peft.get_peft_model(hf, hf_peft.LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0,
+        target_modules=r'.*language_model.*\.(' + '|'.join(n.split('.')[1] for n in hf_names.values()) + ')'))
+    hf.train()
+    proj = hf.base_model.model.model.multi_modal_projector
+    hf_params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for m in (ours, ours_c):
+            for i, blk in enumerate(m.lm.blocks):
+                for t in targets:
+                    ab = blk.get_submodule({'q': 'attn.q', 'k': 'attn.k', 'v': 'attn.v', 'o': 'attn.o'}.get(t, 'ffn.' + t))
+                    for x in ('A', 'B'):
+                        key = f'base_model.model.model.language_model.layers.{i}.{hf_names[t]}.lora_{x}.default.weight'
+                        getattr(ab, f'lora_{x}').weight.copy_(hf_params[key])
+            m.fusion.load_state_dict(ours.fusion.state_dict())
+        for i in (1, 2):
+            getattr(proj, f'linear_{i}').load_state_dict(getattr(ours.fusion, f'fc{i}').state_dict())
+    proj.requires_grad_(True)  # LLaVA trains its projector with the LoRA
+    n_train = {'ours': sum(p.numel() for p in ours.parameters() if p.requires_grad),
+               'theirs': sum(p.numel() for p in hf.parameters() if p.requires_grad)}
+    assert n_train['ours'] == n_train['theirs'], n_train
+
+    # the batch: [8 text tokens] [576 image tokens] [n text tokens, the last half labelled]
+    n_img = ours.fusion.n_tokens(ours.vision.n_tokens(image_size))
+    lens = torch.linspace(text[0], text[1], batch).long().tolist()
+    items = []
+    for i, n in enumerate(lens):
+        pre, post = torch.randint(100, 49000, (8,), generator=g), torch.randint(100, 49000, (n,), generator=g)
+        ids = torch.cat([pre, torch.full((n_img,), IMAGE_TOKEN), post])
+        labels = torch.where(torch.arange(len(ids)) >= len(ids) - n // 2, ids, data.IGNORE_INDEX)
+        items.append({'id': str(i), 'image': i, 'input_ids': ids, 'labels': labels})
+    pixels = torch.randn(batch, 3, image_size, image_size, generator=g)
+    padded, packed = data.collate(items, pad_id=2), data.pack(items, pad_id=2)
+    hf_ids = torch.where(padded['input_ids'] == IMAGE_TOKEN, image_id, padded['input_ids'])
+    real = sum(len(x['input_ids']) for x in items)
+
+    def loss_of(name):
+        if name == 'theirs':
+            return hf(input_ids=hf_ids, pixel_values=pixels, attention_mask=padded['attention_mask'],
+                      labels=padded['labels']).loss
+        m = ours_c if 'compile' in name else ours
+        if 'packed' in name:
+            return m(packed['input_ids'], pixels=pixels[None], has_image=packed['has_image'], labels=packed['labels'],
+                     seq_lens=packed['seq_lens'])
+        return m(padded['input_ids'], pixels=pixels, labels=padded['labels'])
+
+    names = ('theirs', 'ours', 'ours packed', 'ours compile', 'ours compile packed')
+    with torch.no_grad():
+        losses = {n: loss_of(n).item() for n in names}
+    print(f'training step: LLaVA-1.5 + LoRA r8 on every LM linear, {vision} @ {image_size} px ({n_img} visual '
+          f'tokens) + {lm}, batch {batch} (text {lens} tokens: {real} real, {hf_ids.numel()} padded), float32, '
+          f'{torch.get_num_threads()} threads, {n_train["ours"] / 1e6:.3f}M trained; transformers {T.__version__} + '
+          f'peft {hf_peft.__version__}')
+    print('  loss before the step: ' + ', '.join(f'{n} {v:.6f}' for n, v in losses.items()))
+    worst = max(abs(v - losses['theirs']) for v in losses.values())
+    if worst > 1e-4 * abs(losses['theirs']):
+        raise SystemExit(f'the stacks compute different losses (max |diff| {worst:.2e}): not the same work')
+    opts = {'theirs': torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-5),
+            'ours': torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5, foreach=True),
+            'ours compile': torch.optim.AdamW([p for p in ours_c.parameters() if p.requires_grad], lr=1e-5, foreach=True)}
+
+    def step(name):
+        opt = opts['ours compile' if 'compile' in name else 'ours' if 'ours' in name else 'theirs']
+        loss_of(name).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    best, peak = {n: float('inf') for n in names}, {n: 0 for n in names}
+    for r in range(repeats + 1):  # round 0 warms up (compilation, AdamW state) and is not counted
+        for n in names:
+            rss = _rss_reset()
+            t0 = time.perf_counter()
+            step(n)
+            dt = time.perf_counter() - t0
+            if r:
+                best[n], peak[n] = min(best[n], dt), max(peak[n], _proc_status('VmHWM') - rss)
+    print(f'  {"":22} {"s / step":>9} {"time ratio":>10} {"peak MiB":>9} {"memory ratio":>12}')
+    for n in names:
+        print(f'  {"transformers + peft" if n == "theirs" else n:22} {best[n]:9.2f} {best[n] / best["theirs"]:9.2f}x '
+              f'{peak[n] / 2**20:9.0f} {peak[n] / peak["theirs"]:11.2f}x')
+    print('  (ratio = ours / theirs: below 1 is faster / smaller)')
+
+# -----------------------------------------------------------------------------
 # fusion methods: each trained and scored on the offline easy-VQA job with the same budget
 
 METHODS = (  # (name, the config layered over config/easyvqa_cpu.py; '' = the base job itself)
@@ -187,6 +347,7 @@ def bench_methods(max_iters=100, eval_limit=500, out='out/bench_methods'):
 BENCHMARKS = {
     'caption_metrics': bench_caption_metrics,
     'decode': bench_decode,
+    'train': bench_train,
     'methods': bench_methods,
 }
 

@@ -1018,24 +1018,27 @@ def load_weights(model, folder, key_map, *, dtype=torch.float32, device='cpu', r
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T + b with W = scale[:, None] * W_int8 (per output row absmax / 127). Inference only."""
+    """y = x W^T + b with W = scale[:, None] * W_int8 (per output row absmax / 127). Inference only. The product
+    runs on bfloat16 activations (torch's kernel is fast there; its float32 path is a slow fallback): outputs
+    carry bfloat16 rounding on top of the int8 weights', and come back in the input's dtype."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
         self.register_buffer('weight_int8', torch.round(w / scale[:, None]).to(torch.int8))  # (out, in)
-        self.register_buffer('scale', scale)
+        self.register_buffer('scale', scale.to(torch.bfloat16))
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x):
-        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int8, self.scale.to(x.dtype))
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (tokens, in)
+        y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scale).to(x.dtype)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def dequantized(self):
-        return self.scale[:, None] * self.weight_int8.float()  # (out, in)
+        return self.scale.float()[:, None] * self.weight_int8.float()  # (out, in)
 
 
 class NF4Linear(nn.Module):

@@ -124,8 +124,9 @@ def test_int8_linear_and_decoder(tiny):
     lin = nn.Linear(64, 96)
     q = Int8Linear(lin)
     x = torch.randn(3, 5, 64)
-    assert torch.allclose(q(x), x @ q.dequantized().t() + lin.bias, atol=1e-4)
-    assert (q.dequantized() - lin.weight).abs().max() <= lin.weight.abs().max() / 127  # half a step per row, at most
+    want = x @ q.dequantized().t() + lin.bias
+    assert ((q(x) - want).abs().max() / want.abs().max()) < 1e-2  # bfloat16 activations
+    assert (q.dequantized() - lin.weight).abs().max() <= 1.01 * lin.weight.abs().max() / 127  # half a step (+ bf16 scale)
     from model import Decoder
     lm = Decoder.from_pretrained(tiny['lm'])
     ids = torch.randint(3, 200, (2, 9))
