@@ -158,3 +158,14 @@ def test_train_py_packed_run_logs_the_padded_losses(tiny, shapes_json, tmp_path,
     with pytest.raises(SystemExit, match='pack=True needs a fusion'):
         train(monkeypatch, *base_args(tiny, shapes_json, tmp_path / 'x', pack=True, fusion='adem', peft='',
                                       lora_r=None, trainable=None))
+
+
+def test_sample_cli_int8(tiny):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    run = [sys.executable, 'sample.py', f'--model={tiny["lm"]}', '--template=qwen2', '--max_new_tokens=3', '--prompt=red']
+    p = subprocess.run(run + ['--quantize=int8'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+    p = subprocess.run(run + ['--quantize=int4'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "quantize must be '' or 'int8'" in p.stderr
