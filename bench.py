@@ -1,8 +1,8 @@
 """
 Benchmarks: speed/memory side by side with the reference stack, in one run, quoted as ratios; no assertions.
 
-python bench.py                    # every benchmark
-python bench.py caption_metrics    # just the named ones (caption_metrics, decode, train, methods)
+python bench.py                    # every benchmark but mfu (it needs a GPU: python bench.py mfu)
+python bench.py caption_metrics    # just the named ones (caption_metrics, decode, train, mfu, methods)
 
 Every benchmark process runs with OMP_WAIT_POLICY=PASSIVE (set here, before torch loads OpenMP): with OpenMP's
 default busy-waiting, 2-thread ops ran ~10x slower on a loaded machine. Shared machines are noisy: compare the
@@ -208,6 +208,7 @@ def bench_train(vision='checkpoints/dinov2-small-imgfocus', lm='checkpoints/Smol
     import data
     from fusion import build_vlm
     from model import IMAGE_TOKEN
+    ours_peft = sys.modules['peft']
     hf_peft = _hf_peft()
     if threads:
         torch.set_num_threads(threads)
@@ -311,6 +312,64 @@ def bench_train(vision='checkpoints/dinov2-small-imgfocus', lm='checkpoints/Smol
         print(f'  {"transformers + peft" if n == "theirs" else n:22} {best[n]:9.2f} {best[n] / best["theirs"]:9.2f}x '
               f'{peak[n] / 2**20:9.0f} {peak[n] / peak["theirs"]:11.2f}x')
     print('  (ratio = ours / theirs: below 1 is faster / smaller)')
+    sys.modules['peft'] = ours_peft  # `import peft` is ours again for what runs next
+
+# -----------------------------------------------------------------------------
+# MFU on a GPU: a LLaMA-7B-shaped decoder with LoRA, bf16, compiled blocks (never run yet: no GPU so far)
+
+
+def bench_mfu(batch=4, seq=2048, lora_r=16, steps=6, compile=True, peak_tflops=0.0, n_layers=32):
+    """Model FLOPs utilisation of a LoRA training step at LLaMA-7B shapes (d 4096, 32 layers, 32 heads, FFN 11008,
+    vocab 32000) with random frozen weights in bfloat16, LoRA r `lora_r` on every linear (float32, trained), fused
+    AdamW, SDPA (flash) attention, blocks compiled. FLOPs from the shapes as train.py counts them (forward 2 x MACs
+    per token + attention, backward twice that plus the LoRA weight gradients, head on every token), divided by the
+    time of the last steps and by the GPU's bf16 dense peak (989 TFLOP/s on an H100 / H200, 312 on others)."""
+    import torch
+    from model import Decoder, LMConfig
+    import peft as lora_lib
+    if not torch.cuda.is_available():
+        raise SystemExit('bench.py mfu needs a CUDA GPU')
+    dev = 'cuda'
+    torch.backends.cuda.matmul.fp32_precision = 'tf32'
+    cfg = LMConfig(vocab_size=32000, dim=4096, n_layers=n_layers, n_heads=32, n_kv_heads=32, head_dim=128, ffn_dim=11008)
+    with torch.device(dev):
+        lm = Decoder(cfg).to(torch.bfloat16)
+    lm.requires_grad_(False)
+    lora_lib.apply_lora(lm, targets=('q', 'k', 'v', 'o', 'gate', 'up', 'down'), r=lora_r, alpha=2 * lora_r)
+    trained = [p for n, p in lm.named_parameters() if 'lora_' in n]
+    for p in trained:
+        p.data = p.data.float().normal_(0, 0.02)
+        p.requires_grad_(True)
+    if compile:
+        for blk in lm.blocks:
+            blk.compile()
+    opt = torch.optim.AdamW(trained, lr=1e-5, fused=True)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=dev)
+    macs = sum(m.in_features * m.out_features for m in lm.blocks.modules() if isinstance(m, torch.nn.Linear))
+    lora_macs = sum(p.numel() for p in trained)
+    n_tok = batch * seq
+    attn = batch * 4 * seq * seq * cfg.n_layers * cfg.n_heads * cfg.head_dim
+    flops = 3 * (2 * macs * n_tok + attn) + 2 * lora_macs * n_tok + 2 * 2 * cfg.dim * cfg.vocab_size * n_tok
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            h = lm(ids)
+            loss = torch.nn.functional.cross_entropy(lm.logits(h[:, :-1]).flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    name = torch.cuda.get_device_name()
+    peak = 1e12 * (peak_tflops or (989.0 if any(g in name for g in ('H100', 'H200')) else 312.0))
+    dt = min(times[2:]) if len(times) > 2 else times[-1]
+    print(f'MFU, LLaMA-7B shapes ({n_layers} layers) + LoRA r{lora_r}, batch {batch} x {seq}, bf16, compile={compile}, '
+          f'{name}: {dt:.3f} s / step (first steps {", ".join(f"{t:.1f}" for t in times[:2])} s), '
+          f'{flops / dt / 1e12:.0f} TFLOP/s = {flops / dt / peak:.1%} of {peak / 1e12:.0f}, '
+          f'peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB')
+
 
 # -----------------------------------------------------------------------------
 # fusion methods: each trained and scored on the offline easy-VQA job with the same budget
@@ -369,11 +428,12 @@ BENCHMARKS = {
     'caption_metrics': bench_caption_metrics,
     'decode': bench_decode,
     'train': bench_train,
+    'mfu': bench_mfu,
     'methods': bench_methods,
 }
 
 if __name__ == '__main__':
-    for name in sys.argv[1:] or BENCHMARKS:
+    for name in sys.argv[1:] or [n for n in BENCHMARKS if n != 'mfu']:  # mfu needs a GPU: only when named
         if name not in BENCHMARKS:
             sys.exit(f'unknown benchmark {name!r}; choose from: {", ".join(BENCHMARKS)}')
         BENCHMARKS[name]()
