@@ -1015,6 +1015,11 @@ def load_weights(model, folder, key_map, *, dtype=torch.float32, device='cpu', r
 # al. 2023, arXiv 2305.14314): 4-bit NormalFloat in blocks of 64, the block scales themselves quantised to
 # 8 bits (double quantisation), dequantised per matmul in the activation dtype; torchao's NF4Tensor (the one
 # torchtune's QLoRA uses; runtime-optional: pip install torchao), whose backward never builds a weight gradient.
+#
+# Deviations from the reference code: QLoRA quantises the block scales in blocks of 256; a matrix whose number of
+# 64-blocks 256 does not divide (SmolLM2's 576 x 576: 5,184) uses the largest divisor below 256 instead (torchao
+# asserts divisibility). No paged optimizer (bitsandbytes' paged AdamW): the LoRA parameters' AdamW state is small.
+# The int8 path keeps the embedding lookup in its own dtype and gives a tied head its own int8 copy.
 
 
 class Int8Linear(nn.Module):
