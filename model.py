@@ -430,7 +430,7 @@ class Ctx:
     mask: torch.Tensor = None       # (B, 1, T, S) bool, True = may attend; None = plain causal
     cache: 'KVCache' = None
     media: dict = field(default_factory=dict)
-    seq_lens: tuple = None          # packed samples: the lengths of the samples laid end to end in one row
+    seq_lens: torch.Tensor = None   # packed samples: the lengths (n,) of the samples laid end to end in one row
 
 
 class KVCache:
@@ -500,13 +500,14 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True, scale=scale)
 
 
-@torch.compiler.disable  # the segment lengths change every batch: compiled blocks call this eagerly
-def packed_attention(q, k, v, seq_lens, scale=None):
+@torch.compiler.disable  # the lengths change every batch: a compiled block calls this eagerly, and the lengths come
+def packed_attention(q, k, v, seq_lens, scale=None):  # as a tensor, whose values compiled code does not guard on
     """Padding-free packing (as flash-attn's varlen kernels, Dao 2023): q, k, v (1, nh | n_kv, T, hd) hold several
     samples end to end, T = sum(seq_lens); each attends causally to itself only. One causal SDPA per sample costs
     what the samples cost alone (one masked T x T attention would cost the square of the row)."""
+    n = seq_lens.tolist()
     out = [F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True, scale=scale)
-           for qi, ki, vi in zip(q.split(seq_lens, 2), k.split(seq_lens, 2), v.split(seq_lens, 2))]
+           for qi, ki, vi in zip(q.split(n, 2), k.split(n, 2), v.split(n, 2))]
     return torch.cat(out, dim=2)  # (1, nh, T, hd)
 
 
@@ -607,6 +608,7 @@ class Decoder(nn.Module):
             if self.cfg.alibi or self.cfg.sliding_window:
                 raise ValueError("packed samples are not supported with ALiBi (MPT) or a sliding window (Mistral)")
             pos = torch.cat([torch.arange(n, device=x.device) for n in seq_lens])[None]  # (1, T), 0 at each start
+            seq_lens = torch.tensor(seq_lens)  # (n,) on the host: packed_attention splits by it
         if pos is None:
             pos = torch.arange(start, start + T, device=x.device).expand(B, T)
         cos, sin = (None, None) if self.cfg.alibi else rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
