@@ -104,6 +104,8 @@ def bench_decode(model='checkpoints/SmolLM2-135M-Instruct', batches=(1, 8), prom
     ours = Decoder.from_pretrained(model)
     ours_int8 = quantize_int8(Decoder.from_pretrained(model))
     ref = transformers.LlamaForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    ref.generation_config.eos_token_id = None  # as ours without stop_ids: no early stop, and the end-of-turn token
+    # stays allowed (min_new_tokens would forbid it, and the greedy tokens would part there)
     tok = data.Tokenizer(model)
     # real text: this README (cut to length) and a question about it, in the chat template, ending at the
     # assistant's turn; row b starts its excerpt 37 b tokens later
@@ -143,9 +145,8 @@ def bench_decode(model='checkpoints/SmolLM2-135M-Instruct', batches=(1, 8), prom
                     marks.append((time.perf_counter(), time.process_time()))
                 return torch.stack(steps, 1).tolist(), marks[0], marks[-1]
             with torch.inference_mode():
-                out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_id,
-                                   streamer=Streamer())
+                out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                                   pad_token_id=tok.pad_id, streamer=Streamer())
             return out[:, ids.shape[1]:].tolist(), marks[0], marks[-1]
         return {'transformers': ref, 'ours': ours, 'ours int8': ours_int8}, prefill, decode
 
