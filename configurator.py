@@ -7,6 +7,7 @@ have the type of the default (an int is accepted where a float is expected). An 
 error that lists the nearest known keys (or the new name, for a key in the script's `_renamed`). Example:
     python train.py config/llava_sqa.py --batch_size=4 --lora_targets="('q','v')"
 """
+import builtins as _builtins  # the script may have a `compile` key (train.py's)
 import sys as _sys
 from ast import literal_eval as _literal_eval
 from difflib import get_close_matches as _close
@@ -40,7 +41,7 @@ for _arg in _sys.argv[1:]:
         except OSError as _e:
             raise SystemExit(f"config file {_arg}: {_e.strerror}")
         _ns = {}
-        exec(compile(_src, _arg, 'exec'), _ns)
+        exec(_builtins.compile(_src, _arg, 'exec'), _ns)
         for _k, _v in _ns.items():
             if not _k.startswith('_') and not callable(_v) and type(_v).__name__ != 'module':
                 _set_config(_k, _v, _arg)

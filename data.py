@@ -1414,6 +1414,22 @@ def collate(batch, *, pad_id):
             "instructions": [item.get("instruction", "") for item in batch]}
 
 
+def pack(batch, *, pad_id=0):
+    """Padding-free packing (train.py's pack): list of items -> the same dict as collate for ONE row, the samples
+    end to end (1, sum of their lengths), plus 'seq_lens' (their lengths) for VLM.forward, where positions restart
+    and attention stays inside each sample. Each sample's first label becomes IGNORE_INDEX: in a row of its own
+    nothing precedes it, so it is never a target there either, and the packed loss equals the padded batch's.
+    The row's images, in order, take the several-images path: 'images' [[...]], has_image (1, M)."""
+    ids = torch.cat([item["input_ids"] for item in batch])[None]  # (1, T), T = sum of the lengths
+    first = torch.tensor([IGNORE_INDEX])
+    labels = torch.cat([torch.cat([first, item["labels"][1:]]) for item in batch])[None]  # (1, T)
+    images = [x for item in batch for x in (item["image"] if isinstance(item["image"], list)
+                                            else [] if item["image"] is None else [item["image"]])]
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids, dtype=torch.bool),
+            "has_image": torch.ones(1, len(images), dtype=torch.bool), "images": [images],
+            "ids": [item["id"] for item in batch], "seq_lens": [len(item["input_ids"]) for item in batch]}
+
+
 def left_pad(prompts, pad_id):
     """Batched generation: prompts [list of ids] -> (ids (B, T) long, attention_mask (B, T) bool), padded on
     the left so that every prompt ends at the last column."""

@@ -398,27 +398,27 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # = h * rsqrt(mean(h^2) + eps), one kernel on GPUs
         if self.plus_one:
             return (h * (1.0 + self.weight.float())).type_as(x)
         return self.weight * h.type_as(x)
 
 
 def rope_tables(pos, head_dim, theta, dtype):
-    """cos/sin tables for integer positions pos (B, T) -> (B, T, head_dim) each, computed in float32.
-    Su et al. 2021 (RoFormer); HF's rotate-half layout: frequencies repeated over both halves."""
+    """cos and signed sin tables for integer positions pos (B, T) -> (B, T, head_dim) each, computed in float32.
+    Su et al. 2021 (RoFormer); HF's rotate-half layout: frequencies repeated over both halves. The sin table
+    carries rotate_half's sign (-sin on the first half), so that apply_rope needs no concatenation per call."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim))
     ang = pos.float()[..., None] * inv_freq  # (B, T, head_dim/2)
-    ang = torch.cat([ang, ang], dim=-1)  # (B, T, head_dim)
-    return ang.cos().to(dtype), ang.sin().to(dtype)
+    cos, sin = ang.cos(), ang.sin()
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)  # once per forward
 
 
 def apply_rope(x, cos, sin):
-    """x (B, nh, T, hd); cos, sin (B, T, hd). Rotates pairs (i, i + hd/2)."""
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """x (B, nh, T, hd); cos, signed sin (B, T, hd). Rotates pairs (i, i + hd/2): HF's
+    x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1) = roll(x, hd/2) * sign, the sign in `sin`
+    (the same numbers bit for bit, one copy fewer)."""
+    return x * cos[:, None] + x.roll(x.shape[-1] // 2, dims=-1) * sin[:, None]
 
 
 @dataclass
@@ -430,6 +430,7 @@ class Ctx:
     mask: torch.Tensor = None       # (B, 1, T, S) bool, True = may attend; None = plain causal
     cache: 'KVCache' = None
     media: dict = field(default_factory=dict)
+    seq_lens: torch.Tensor = None   # packed samples: the lengths (n,) of the samples laid end to end in one row
 
 
 class KVCache:
@@ -492,9 +493,22 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, ctx: Ctx):
         scale = self.cfg.attn_scale or None
+        if ctx.seq_lens is not None:
+            return packed_attention(q, k, v, ctx.seq_lens, scale)
         if ctx.mask is None:  # plain causal over T == S, or a single query that may see every key
             return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True, scale=scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True, scale=scale)
+
+
+@torch.compiler.disable  # the lengths change every batch: a compiled block calls this eagerly, and the lengths come
+def packed_attention(q, k, v, seq_lens, scale=None):  # as a tensor, whose values compiled code does not guard on
+    """Padding-free packing (as flash-attn's varlen kernels, Dao 2023): q, k, v (1, nh | n_kv, T, hd) hold several
+    samples end to end, T = sum(seq_lens); each attends causally to itself only. One causal SDPA per sample costs
+    what the samples cost alone (one masked T x T attention would cost the square of the row)."""
+    n = seq_lens.tolist()
+    out = [F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True, scale=scale)
+           for qi, ki, vi in zip(q.split(n, 2), k.split(n, 2), v.split(n, 2))]
+    return torch.cat(out, dim=2)  # (1, nh, T, hd)
 
 
 class MLP(nn.Module):
@@ -574,23 +588,34 @@ class Decoder(nn.Module):
         return x
 
     def logits(self, h):
-        return F.linear(h, self.embed.weight if self.head is None else self.head.weight)
+        return F.linear(h, self.embed.weight) if self.head is None else self.head(h)  # head: nn.Linear or Int8Linear
 
-    def forward(self, idx=None, *, embeds=None, pos=None, pad_mask=None, cache=None, media=None):
+    def forward(self, idx=None, *, embeds=None, pos=None, pad_mask=None, cache=None, media=None, seq_lens=None):
         """Final-normed hidden states (B, T, D); apply `logits()` for the vocabulary.
         idx (B, T) token ids, or embeds (B, T, D) already embedded (the VLM splices visual tokens).
         pos (B, T) positions (default: cache.pos + arange). pad_mask (B, S) bool over every key
-        position (cached + new; False = padding), for left-padded batches. media: fusion memory."""
+        position (cached + new; False = padding), for left-padded batches. media: fusion memory.
+        seq_lens: a packed row (B = 1) of samples with these lengths, end to end: positions restart at every
+        sample and attention stays inside it (data.pack), so the row computes what the samples compute alone."""
         x = self.embed_tokens(idx) if embeds is None else embeds
         B, T, _ = x.shape
         start = cache.pos if cache is not None else 0
+        if seq_lens is not None:
+            seq_lens = tuple(int(n) for n in seq_lens)
+            if B != 1 or sum(seq_lens) != T or cache is not None or pad_mask is not None:
+                raise ValueError(f"packed samples (seq_lens, {len(seq_lens)} of them, {sum(seq_lens)} tokens) need one row "
+                                 f"of exactly that many tokens, no cache and no pad_mask; got a ({B}, {T}) input")
+            if self.cfg.alibi or self.cfg.sliding_window:
+                raise ValueError("packed samples are not supported with ALiBi (MPT) or a sliding window (Mistral)")
+            pos = torch.cat([torch.arange(n, device=x.device) for n in seq_lens])[None]  # (1, T), 0 at each start
+            seq_lens = torch.tensor(seq_lens)  # (n,) on the host: packed_attention splits by it
         if pos is None:
             pos = torch.arange(start, start + T, device=x.device).expand(B, T)
         cos, sin = (None, None) if self.cfg.alibi else rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         mask = self.attn_mask(B, T, start, pad_mask, x.device)
         if self.cfg.alibi:
             mask = self.alibi_bias(mask, B, T, start, x.dtype, x.device)
-        ctx = Ctx(cos=cos, sin=sin, mask=mask, cache=cache, media=media if media is not None else {})
+        ctx = Ctx(cos=cos, sin=sin, mask=mask, cache=cache, media=media if media is not None else {}, seq_lens=seq_lens)
         for blk in self.blocks:
             x = run_block(blk, x, ctx, recompute=self.grad_checkpoint)
         if cache is not None:
@@ -984,6 +1009,103 @@ def load_weights(model, folder, key_map, *, dtype=torch.float32, device='cpu', r
     return model
 
 # -----------------------------------------------------------------------------
+# Quantized frozen linears: int8 weight-only for CPU inference, 4-bit NF4 under LoRA (QLoRA)
+#
+# Decoding one token at batch 1 reads every weight once: on a CPU it is bound by memory bandwidth, so
+# weights in 1 byte instead of 4 decode up to ~4x faster. Int8Linear is gpt-fast's int8 weight-only scheme
+# (pytorch-labs/gpt-fast quantize.py WeightOnlyInt8QuantHandler): a symmetric absmax scale per output row,
+# computed by torch's own kernel torch._weight_int8pack_mm. NF4Linear is QLoRA's frozen base (Dettmers et
+# al. 2023, arXiv 2305.14314): 4-bit NormalFloat in blocks of 64, the block scales themselves quantised to
+# 8 bits (double quantisation), dequantised per matmul in the activation dtype; torchao's NF4Tensor (the one
+# torchtune's QLoRA uses; runtime-optional: pip install torchao), whose backward never builds a weight gradient.
+#
+# Deviations from the reference code: QLoRA quantises the block scales in blocks of 256; a matrix whose number of
+# 64-blocks 256 does not divide (SmolLM2's 576 x 576: 5,184) uses the largest divisor below 256 instead (torchao
+# asserts divisibility). No paged optimizer (bitsandbytes' paged AdamW): the LoRA parameters' AdamW state is small.
+# The int8 path keeps the embedding lookup in its own dtype and gives a tied head its own int8 copy.
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W = scale[:, None] * W_int8 (per output row absmax / 127). Inference only. The product
+    runs on bfloat16 activations (torch's kernel is fast there; its float32 path is a slow fallback): outputs
+    carry bfloat16 rounding on top of the int8 weights', and come back in the input's dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+        self.register_buffer('weight_int8', torch.round(w / scale[:, None]).to(torch.int8))  # (out, in)
+        self.register_buffer('scale', scale.to(torch.bfloat16))
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (tokens, in)
+        y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scale).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self):
+        return self.scale.float()[:, None] * self.weight_int8.float()  # (out, in)
+
+
+class NF4Linear(nn.Module):
+    """A frozen nn.Linear with its weight in NF4 (QLoRA); the bias, if any, stays as it was."""
+
+    def __init__(self, linear: nn.Linear, block_size=64, scaler_block_size=256):
+        super().__init__()
+        try:
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+        except ImportError:
+            raise ImportError("QLoRA's NF4 weights need torchao (pip install torchao)") from None
+        n = linear.weight.numel()
+        if n % block_size:
+            raise ValueError(f"NF4 needs weights whose size divides into blocks of {block_size}; "
+                             f"{tuple(linear.weight.shape)} does not")
+        n_blocks = n // block_size  # the scales are quantised in blocks of up to 256 (QLoRA's); the largest divisor
+        scaler_block_size = max(d for d in range(1, scaler_block_size + 1) if n_blocks % d == 0)
+        self.weight = nn.Parameter(to_nf4(linear.weight.detach(), block_size, scaler_block_size), requires_grad=False)
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+        y = linear_nf4(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self):
+        return self.weight.get_original_weight()  # (out, in), what forward multiplies by
+
+
+def quantize_linears(module, kind='int8', *, skip=('lora_',)):
+    """Replace every frozen nn.Linear under `module` (none of whose parameters trains, and whose name has no
+    `skip` part: LoRA's own A and B stay) by its Int8Linear ('int8') or NF4Linear ('nf4'). A LoRALinear's
+    frozen `base` is replaced too, which makes LoRA on it QLoRA. Returns the number replaced."""
+    make = {'int8': Int8Linear, 'nf4': NF4Linear}
+    if kind not in make:
+        raise ValueError(f"quantize kind must be one of {sorted(make)}, got {kind!r}")
+    hits = [(name, m) for name, m in module.named_modules() if type(m) is nn.Linear
+            and not any(p.requires_grad for p in m.parameters()) and not any(s in name for s in skip)]
+    for name, m in hits:
+        parent = module.get_submodule(name.rsplit('.', 1)[0]) if '.' in name else module
+        setattr(parent, name.rsplit('.', 1)[-1], make[kind](m))
+    return len(hits)
+
+
+def quantize_int8(lm: 'Decoder'):
+    """A decoder for fast CPU decoding: every block linear and the vocabulary head in int8 (a tied head gets
+    its own int8 copy; the embedding lookup stays as it is). In place; returns lm."""
+    with torch.no_grad():
+        if lm.head is None:
+            lm.head = nn.Linear(lm.cfg.dim, lm.cfg.vocab_size, bias=False, device=lm.embed.weight.device,
+                                dtype=lm.embed.weight.dtype)
+            lm.head.weight.copy_(lm.embed.weight)
+            lm.head.requires_grad_(False)
+        lm.requires_grad_(False)
+        quantize_linears(lm, 'int8')
+    return lm
+
+# -----------------------------------------------------------------------------
 # The VLM: vision tower -> fusion -> decoder
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, padding, visual tokens)
@@ -1075,16 +1197,22 @@ class VLM(nn.Module):
         return x, media
 
     def forward(self, ids, *, pixels=None, feats=None, has_image=None, labels=None, n_norm=None, fusion_inputs=None,
-                pad_mask=None, dec_ids=None):
+                pad_mask=None, dec_ids=None, seq_lens=None):
         """Logits (B, T, V), or with labels the summed next-token loss over labelled positions divided
         by n_norm (default: their count), computing the vocabulary head only where a label is.
-        An encoder-decoder LM (lm.is_encoder_decoder, t5.T5): see encdec_forward (pad_mask, dec_ids)."""
+        An encoder-decoder LM (lm.is_encoder_decoder, t5.T5): see encdec_forward (pad_mask, dec_ids).
+        seq_lens: ids is one packed row of samples with these lengths (data.pack; input-level fusions only)."""
         if feats is None and pixels is not None:
             feats = self.image_features(pixels)
         x, media = self.embed(ids, feats, has_image, fusion_inputs)
         if getattr(self.lm, 'is_encoder_decoder', False):
+            if seq_lens is not None:
+                raise ValueError("packed samples (pack=True) need a decoder-only LM")
             return self.encdec_forward(x, labels, n_norm=n_norm, pad_mask=pad_mask, dec_ids=dec_ids)
-        h = self.lm(embeds=x, media=media)[:, x.shape[1] - ids.shape[1]:]  # drop the prefix's outputs: (B, T, d)
+        if seq_lens is not None and (media or x.shape[1] != ids.shape[1]):
+            raise ValueError(f"packed samples need a fusion that only splices input tokens (LLaVA, Q-Former); "
+                             f"{type(self.fusion).__name__} adds media or a prefix")
+        h = self.lm(embeds=x, media=media, seq_lens=seq_lens)[:, x.shape[1] - ids.shape[1]:]  # drop the prefix: (B, T, d)
         if labels is None:
             return self.lm.logits(h)
         tgt = labels[:, 1:]

@@ -6,6 +6,7 @@ Chat with / complete from a language model, or ask a trained VLM about an image,
   python sample.py --model=Qwen/Qwen2-0.5B-Instruct --temperature=0.7
   python sample.py --chat=False --prompt="The three primary colours are"  # raw completion
   python sample.py --ckpt=out/easyvqa/ckpt.pt --image=shape.png --prompt="what color is the shape?"
+  python sample.py --quantize=int8 --prompt="What is the capital of France?"  # int8 weights: faster CPU decoding
 """
 import os
 import sys
@@ -13,7 +14,7 @@ import sys
 import torch
 
 import data
-from model import Decoder, resolve
+from model import Decoder, quantize_int8, resolve
 
 model = 'checkpoints/SmolLM2-135M-Instruct'  # hub id or folder of a language model
 ckpt = ''                    # a train.py checkpoint: chat with that VLM instead (its config names the towers)
@@ -28,6 +29,8 @@ top_p = 0.9
 seed = 1337
 device = 'cpu'
 dtype = 'float32'            # CPU decoding is memory-bound: float32 matvecs are faster than bfloat16 ones here
+quantize = ''                # 'int8': the decoder's linears and head in int8, weight-only (model.quantize_int8; CPU);
+                             # the greedy text may part from float32's after some tokens (bench.py decode measures it)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 
 torch.manual_seed(seed)
@@ -50,6 +53,10 @@ else:
     system_used = system or None
 if image and not ckpt:
     raise SystemExit("--image needs --ckpt (a trained VLM checkpoint)")
+if quantize not in ('', 'int8'):
+    raise SystemExit(f"quantize must be '' or 'int8', got {quantize!r}")
+if quantize:
+    quantize_int8(lm)  # after a VLM's LoRA merge: the merged weights are quantized
 stop_ids = data.stop_ids(tok, chat_template)
 
 

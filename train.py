@@ -179,6 +179,15 @@ grad_checkpoint = False      # activation checkpointing of every decoder and tow
 cache_features_gb = 16.0      # the frozen tower's features once per image, kept in host memory up to this
                              # many GB per process (0 = off); images past the bound run through the tower each time
 threads = 0                  # torch CPU threads (0 = torch's default)
+# speed (bench.py train measures each against the plain run; tests/test_speed.py checks that each computes the same)
+compile = False              # torch.compile every decoder and tower block (the first steps pay the compilation)
+pack = False                 # padding-free packing: each micro-batch's samples end to end in one row, attention and
+                             # positions kept inside each sample (data.pack); fusions that only splice input tokens
+quantize = ''                # '' | 'nf4': the LM's frozen linears in 4-bit NF4 (QLoRA with peft='lora'; needs
+                             # torchao; one process); trained weights and the rest stay as they are
+tf32 = True                  # CUDA: float32 matmuls on TF32 tensor cores (Ampere and newer); bf16 runs are unaffected
+peak_tflops = 0.0            # the accelerator's peak for the MFU in the log (0: 989 on an H100 / H200, 312 on other
+                             # GPUs (A100 bf16); on a CPU no MFU unless given: FLOPs are counted from the shapes)
 seed = 1337
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
 defaults = {k: globals()[k] for k in config_keys}
@@ -230,6 +239,15 @@ ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torc
 if dtype == 'float16' and device_type == 'cpu':
     raise SystemExit("dtype='float16' on CPU runs at ~1 GFLOP/s; use 'bfloat16' or 'float32'")
 autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
+if device_type == 'cuda' and tf32:  # float32 matmuls and convolutions (e.g. a float32 run's) on TF32 tensor cores
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = 'tf32'
+if pack and fusion not in ('llava', 'qformer'):
+    raise SystemExit(f"pack=True needs a fusion that only splices input tokens ('llava', 'qformer'); fusion={fusion!r} "
+                     f"puts media or a prefix into the decoder")
+if quantize not in ('', 'nf4'):
+    raise SystemExit(f"quantize must be '' or 'nf4' (QLoRA), got {quantize!r}")
+if quantize and ddp:
+    raise SystemExit("quantize='nf4' runs in one process (DDP / FSDP would have to broadcast and shard NF4 tensors)")
 torch.manual_seed(seed)  # the same on every rank while the new modules are initialised (FSDP does not broadcast)
 if master:
     os.makedirs(out_dir, exist_ok=True)
@@ -291,6 +309,9 @@ if offload and not fsdp:
 # would not fit on a small GPU before sharding)
 model = build_vlm(config, dtype=ptdtype, device='cpu' if offload else device)
 model.lm.grad_checkpoint = model.vision.grad_checkpoint = grad_checkpoint
+if quantize:  # QLoRA: LoRA (and whatever else trains) on top of NF4 base weights
+    import model as model_lib
+    print0(f"quantize: {model_lib.quantize_linears(model.lm, quantize)} frozen linears of the LM in {quantize}")
 for p in model.parameters():
     if p.requires_grad:
         p.data = p.data.float()  # master weights of what trains stay in float32
@@ -303,6 +324,8 @@ n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
 print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {n_train / 1e6:.3f}M trainable")
 
 io = data.prepare(config, model)
+if pack and io['instruction_tok'] is not None:  # one packed row cannot carry each sample's own instruction
+    raise SystemExit("pack=True cannot feed InstructBLIP's Q-Former one instruction per sample; set pack=False")
 tok, chat, n_image_tokens = io['tok'], io['template'], io['n_image_tokens']
 
 # -----------------------------------------------------------------------------
@@ -352,20 +375,23 @@ def image_inputs(images, loaded=None):
 
 
 def image_args(b):
-    return {k: b[k] for k in ('pixels', 'feats', 'has_image', 'fusion_inputs')}
+    return {k: b[k] for k in ('pixels', 'feats', 'has_image', 'fusion_inputs', 'seq_lens')}
 
 
 def host_batch(ds, indices, positions=None):
     """The CPU side of a batch: collated tokens and the decoded, preprocessed images the cache lacks; a training
     batch (its stream positions given) augmented when image_augment is on, each sample seeded by its position."""
-    b = data.collate([ds[i] for i in indices], pad_id=tok.pad_id)
+    b = (data.pack if pack else data.collate)([ds[i] for i in indices], pad_id=tok.pad_id)
     seeds = [seed * 1_000_000_007 + g for g in positions] if image_augment and positions is not None else None
     return b, data.load_pixels(b['images'], io['image_cfg'], cache=feats_cache, seeds=seeds)
 
 
 def to_device(b, loaded):
+    lens = b.get('seq_lens') or b['attention_mask'].sum(1).tolist()  # the real (not padding) tokens of each sample
     return dict(ids=b['input_ids'].to(device), labels=b['labels'].to(device), **image_inputs(b['images'], loaded),
-                fusion_inputs=data.instruction_inputs(io['instruction_tok'], b['instructions'], device))  # InstructBLIP
+                fusion_inputs=data.instruction_inputs(io['instruction_tok'], b['instructions'], device)  # InstructBLIP
+                if 'instructions' in b else {},  # a packed row (pack=True) has none: refused with an instruction Q-Former
+                seq_lens=b.get('seq_lens'), lens=lens)
 
 
 def get_batch(ds, indices):
@@ -414,6 +440,9 @@ def step_batches(step):
 
 
 raw_model = model
+if compile:  # each block its own graph: the loop, the fusion's splice and the loss stay eager
+    for blk in list(model.lm.blocks) + list(model.vision.blocks):
+        blk.compile()
 if ddp and fsdp:
     # FSDP2: every transformer block is a unit; the root holds the rest (embeddings, fusion, norms).
     # Trainable and frozen parameters may share a unit: FSDP2 shards per parameter.
@@ -438,8 +467,11 @@ patterns = getattr(raw_model.fusion, 'decay_patterns', None)
 decays = {n: any(s in n for s in patterns) if patterns is not None else p.dim() >= 2 for n, p in named}
 decay = [p for n, p in named if decays[n]]
 no_decay = [p for n, p in named if not decays[n]]
+# one fused kernel over all parameters on CUDA; on a CPU (or offloaded) the foreach kernels, one call per op over
+# the hundreds of small LoRA tensors instead of a Python loop over them (PyTorch picks foreach by itself on CUDA only)
+fused = device_type == 'cuda' and not offload
 optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
-                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda' and not offload)
+                              lr=learning_rate, betas=(beta1, beta2), fused=fused, foreach=not fused)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 
 
@@ -572,14 +604,61 @@ def validate_and_save():
             save_checkpoint()
 
 
+# -----------------------------------------------------------------------------
+# what a step reports: real tokens / s, model FLOPs utilisation (FLOPs counted from the shapes, as PaLM's
+# appendix B: 2 per multiply-add, attention over each sample's own length without the causal saving; frozen
+# weights get no weight gradient), peak memory, gradient norm, and how long the step waited for its data
+
+
+def linear_shapes(module):
+    """(in x out, trains) of every linear layer under module (nn.Linear, Int8Linear, NF4Linear; LoRA's A and B)."""
+    return [(m.in_features * m.out_features, any(p.requires_grad for p in m.parameters(recurse=False)))
+            for m in module.modules() if hasattr(m, 'in_features') and hasattr(m, 'out_features')]
+
+
+lm_shapes, lm_cfg = linear_shapes(raw_model.lm.blocks), raw_model.lm.cfg
+lm_macs, lm_train_macs = sum(n for n, _ in lm_shapes), sum(n for n, t in lm_shapes if t)
+tower_macs = sum(n for n, _ in linear_shapes(raw_model.vision.blocks))
+fusion_macs = sum(n for n, _ in linear_shapes(raw_model.fusion))
+peak_flops = 1e12 * (peak_tflops or (0.0 if device_type == 'cpu' else 989.0 if any(
+    g in torch.cuda.get_device_name(device) for g in ('H100', 'H200')) else 312.0))
+
+
+def step_flops(batches):
+    """FLOPs of one optimizer step on this process: decoder forward 2 x MACs x tokens + attention, backward twice
+    that plus the weight gradients of what trains; the head on labelled tokens only; tower (when it ran: no cached
+    features) and fusion counted forward only and forward + backward."""
+    f = 0.0
+    for b in batches:
+        lens = b['lens']
+        n_tok = sum(lens)
+        attn = sum(4 * n * n for n in lens) * lm_cfg.n_layers * lm_cfg.n_heads * lm_cfg.head_dim  # QK^T and AV
+        f += 3 * (2 * lm_macs * n_tok + attn) + 2 * lm_train_macs * n_tok
+        f += 2 * 2 * lm_cfg.dim * lm_cfg.vocab_size * int((b['labels'][:, 1:] != data.IGNORE_INDEX).sum())
+        n_img = int(b['has_image'].sum()) if b['has_image'] is not None else 0
+        f += 6 * fusion_macs * n_img * n_image_tokens
+        if b['pixels'] is not None:
+            f += 2 * tower_macs * n_img * raw_model.vision.n_tokens(b['pixels'].shape[-1])
+    return f
+
+
+def peak_memory_gb():
+    if device_type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak resident set (Linux: KiB)
+
+
 model.train()
 bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True) if tty and master else None
-t0, tokens_seen = time.time(), 0
+t0, tokens_seen, flops_done = time.time(), 0, 0.0
 while step < max_steps:
     lr = get_lr(step)
     for group in optimizer.param_groups:
         group['lr'] = lr
+    t_data = time.time()
     batches = images_ok(lambda: step_batches(step))
+    data_s = time.time() - t_data  # the prefetch thread's work this step waited for, plus the copy to the device
     if batches is None:  # skip the step (the stream stays a function of the step), count it, give up past the bound
         bad_image_steps += 1
         print0(f"step {step}: an image failed to decode, step skipped ({bad_image_steps}/{max_bad_steps})")
@@ -607,7 +686,8 @@ while step < max_steps:
             loss = model(b['ids'], labels=b['labels'], n_norm=n_tok.clamp(min=1), **image_args(b)) * world  # ranks are averaged
         scaler.scale(loss).backward()
         total += loss.detach() / world
-        tokens_seen += int(b['ids'].numel()) * world
+        tokens_seen += sum(b['lens']) * world
+    flops_done += step_flops(batches) * world
     finite = torch.isfinite(total).float()
     if ddp:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -619,9 +699,8 @@ while step < max_steps:
             raise SystemExit(f"stopping: {bad_steps} non-finite losses (more than max_bad_steps={max_bad_steps}); "
                              f"try dtype='bfloat16' or 'float32', or a lower learning_rate")
     else:
-        if grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scaler.unscale_(optimizer)  # the norm is reported in any case; max_norm inf leaves every gradient as it is
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -630,12 +709,20 @@ while step < max_steps:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     if master:
         dt = time.time() - t0
-        rec = dict(step=step, loss=round(total.item(), 6), lr=lr, tok_s=round(tokens_seen / dt, 1), time=round(dt, 2))
+        rec = dict(step=step, loss=round(total.item(), 6), lr=lr, tok_s=round(tokens_seen / dt, 1), time=round(dt, 2),
+                   grad_norm=round(grad_norm.item(), 4) if finite.item() else None, data_s=round(data_s, 3),
+                   mem_gb=round(peak_memory_gb(), 3))
+        if peak_flops:  # over the whole run so far, the first steps' compilation included
+            rec['mfu'] = round(flops_done / dt / (peak_flops * world), 4)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_s']:.0f}")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_s']:.0f}",
+                            gnorm=f"{rec['grad_norm'] or float('nan'):.3f}", data=f"{data_s:.2f}s",
+                            mem=f"{rec['mem_gb']:.1f}G", **({'mfu': f"{rec['mfu']:.1%}"} if 'mfu' in rec else {}))
         elif step % log_interval == 0 or step == max_steps:
-            print0(f"step {step}/{max_steps}: loss {rec['loss']:.4f}, lr {lr:.2e}, {rec['tok_s']:.0f} tok/s, {dt:.1f} s")
+            print0(f"step {step}/{max_steps}: loss {rec['loss']:.4f}, lr {lr:.2e}, {rec['tok_s']:.0f} tok/s, "
+                   f"grad norm {rec['grad_norm'] or float('nan'):.3f}, data wait {data_s:.2f} s, peak memory "
+                   f"{rec['mem_gb']:.2f} GiB" + (f", MFU {rec['mfu']:.1%}" if 'mfu' in rec else '') + f", {dt:.1f} s")
         if finite.item() and (step % log_interval == 0 or step == max_steps):
             with open(log_path, 'a') as f:
                 f.write(json.dumps(rec) + '\n')
