@@ -613,7 +613,8 @@ def validate_and_save():
 def linear_shapes(module):
     """(in x out, trains) of every linear layer under module (nn.Linear, Int8Linear, NF4Linear; LoRA's A and B)."""
     return [(m.in_features * m.out_features, any(p.requires_grad for p in m.parameters(recurse=False)))
-            for m in module.modules() if hasattr(m, 'in_features') and hasattr(m, 'out_features')]
+            for part in (module if isinstance(module, list) else [module])  # T5's blocks: a list (encoder + decoder)
+            for m in part.modules() if hasattr(m, 'in_features') and hasattr(m, 'out_features')]
 
 
 lm_shapes, lm_cfg = linear_shapes(raw_model.lm.blocks), raw_model.lm.cfg
