@@ -679,6 +679,14 @@ def easy_vqa_root():
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+
+
+def easy_vqa_type(answer):
+    """easy-VQA's three question types, told apart by the answer: 'yes/no', 'shape' or 'colour'."""
+    return "yes/no" if answer in ("yes", "no") else "shape" if answer in EASY_VQA_SHAPES else "colour"
+
+
 def read_easy_vqa(split="train", *, prompt=VQA_PROMPT_LLAVA, root=None):
     """easy-VQA (PyPI easy-vqa): {split}/questions.json holds [question, answer, image_id] triples, images
     are {split}/images/{image_id}.png (64x64), answers.txt the 13 answers."""
@@ -697,7 +705,7 @@ def read_easy_vqa(split="train", *, prompt=VQA_PROMPT_LLAVA, root=None):
         image = str(root / split / "images" / f"{image_id}.png")
         samples.append({"id": f"easyvqa-{split}-{i}", "image": image,
                         "messages": [("user", _user(prompt.format(q=q), image)), ("assistant", a)],
-                        "answers": [a], "question": q, "image_id": image_id})
+                        "answers": [a], "question": q, "image_id": image_id, "question_type": easy_vqa_type(a)})
     return samples
 
 

@@ -94,8 +94,12 @@ def score(task, samples, preds):
     if task == 'coco':
         scores = caption_scores({s['id']: p for s, p in zip(samples, preds)}, {s['id']: s['answers'] for s in samples})
         return {k: 100 * v for k, v in scores.items() if k != 'per_image'}
-    return {'accuracy': exact_match_accuracy({s['id']: p for s, p in zip(samples, preds)},
-                                             {s['id']: s['answers'][0] for s in samples})}
+    scores = {'accuracy': exact_match_accuracy({s['id']: p for s, p in zip(samples, preds)},
+                                               {s['id']: s['answers'][0] for s in samples})}
+    for t in sorted({s['question_type'] for s in samples if s.get('question_type')}):  # easy-VQA: per type too
+        of = [(s, p) for s, p in zip(samples, preds) if s.get('question_type') == t]
+        scores[t] = exact_match_accuracy({s['id']: p for s, p in of}, {s['id']: s['answers'][0] for s, _ in of})
+    return scores
 
 
 @torch.inference_mode()

@@ -46,6 +46,9 @@ log_interval = 10
 always_save_checkpoint = True
 final_eval = True            # generate answers for the whole eval split when training ends and score them
 eval_limit = 0               # score only the first N samples of the eval split (0 = all)
+val_images = 0               # hold this many training images (every question on them) out of training
+val_answers = 0              # at each evaluation, answer this many held-out questions (the eval split's without
+                             # val_images) and report accuracy per question type in the bar and the log
 wandb_log = False
 wandb_project = 'vlm'
 wandb_run_name = 'run'
@@ -102,6 +105,7 @@ petal_batch_context = True   # the released code's cross-attention quirk (query 
 petal_ib = False             # + PETAL's information-bottleneck term (the authors' unreleased variant; peft.py)
 # LLaVA-1.5 (fusion = 'llava')
 llava_init = ''               # a llava-hf checkpoint (hub id / folder) whose projector loads ('' = a new one)
+llava_standardize = False     # shift / scale each tower channel to mean 0, std 1 over the training images (then trained)
 # DS-VisualChat (fusion = 'mmca')
 mmca_attention = True        # False keeps its projection but uses plain causal attention
 # Flamingo (fusion = 'flamingo')
@@ -153,9 +157,11 @@ num_beams = 1                # final evaluation: > 1 = beam search (model.py; PE
 batch_size = 16              # per process and micro-step: what fits in memory
 global_batch = 0             # samples per optimizer step over all processes (0 = batch_size x processes); the
                              # micro-steps follow: grad_accum = global_batch / (batch_size x processes)
+balance = False              # draw every question_type equally often (easy-VQA: yes/no is 74% of the questions)
 epochs = 1.0
 max_iters = 0                # > 0 overrides epochs
 learning_rate = 1e-3
+fusion_lr = 0.0              # > 0: the fusion's own learning rate (LLaVA's mm_projector_lr); 0 = learning_rate
 min_lr = 0.0
 warmup_ratio = 0.03          # linear warm-up over this fraction of the steps, then cosine to min_lr
 warmup_iters = 0             # > 0: warm-up over this many steps instead of warmup_ratio
@@ -339,6 +345,12 @@ def dataset_for(samples):
 
 train_samples = data.read_split(config, train_split)
 eval_samples = data.read_split(config, eval_split, evaluation=True)
+val_samples = eval_samples  # what val_answers scores: held-out training images when val_images > 0
+if val_images:  # the last val_images distinct images and every question on them leave the training set
+    held = set(list(dict.fromkeys(x for s in train_samples for x in data.image_list(s)))[-val_images:])
+    val_samples = [s for s in train_samples if set(data.image_list(s)) & held]
+    train_samples = [s for s in train_samples if not set(data.image_list(s)) & held]
+    val_samples = [val_samples[i] for i in torch.randperm(len(val_samples), generator=torch.Generator().manual_seed(seed))]
 # every distinct image, checked up front from its header (no decoding): all bad files at once, before any step
 sources = list(dict.fromkeys(x for s in train_samples + eval_samples for x in data.image_list(s)))  # first-seen order
 bad = [(x, why) for x in tqdm(sources, desc='checking images', disable=not (tty and master) or len(sources) < 2000)
@@ -409,12 +421,24 @@ warmup_steps = warmup_iters if warmup_iters > 0 else int(warmup_ratio * max_step
 _perms = {}
 
 
+# balance: each 'epoch' of the stream instead draws len(train_ds) samples with replacement, weighted so that every
+# question_type comes up equally often (easy-VQA's yes/no, 74% of its questions, would otherwise drown the rest).
+types = [train_samples[j].get('question_type') for j in train_ds.keep] if balance else []
+if balance and None in types:
+    raise SystemExit(f"balance=True needs a question_type on every {dataset} sample; "
+                     f"sample {train_samples[train_ds.keep[types.index(None)]]['id']} has none")
+type_weight = {t: 1.0 / types.count(t) for t in set(types)}
+
+
 def sample_index(g):
     """Train-set index of the g-th sample of the stream."""
     epoch, i = divmod(g, len(train_ds))
     if epoch not in _perms:
         _perms.clear()
-        _perms[epoch] = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        gen = torch.Generator().manual_seed(seed + epoch)
+        _perms[epoch] = torch.multinomial(torch.tensor([type_weight[t] for t in types]), len(train_ds), replacement=True,
+                                          generator=gen).tolist() if balance else \
+            torch.randperm(len(train_ds), generator=gen).tolist()
     return _perms[epoch][i]
 
 
@@ -465,13 +489,15 @@ params = [p for _, p in named]
 # fusion's `decay_patterns` (Flamingo: its gated cross-attention blocks, gates and norms too, as OpenFlamingo)
 patterns = getattr(raw_model.fusion, 'decay_patterns', None)
 decays = {n: any(s in n for s in patterns) if patterns is not None else p.dim() >= 2 for n, p in named}
-decay = [p for n, p in named if decays[n]]
-no_decay = [p for n, p in named if not decays[n]]
 # one fused kernel over all parameters on CUDA; on a CPU (or offloaded) the foreach kernels, one call per op over
 # the hundreds of small LoRA tensors instead of a Python loop over them (PyTorch picks foreach by itself on CUDA only)
 fused = device_type == 'cuda' and not offload
-optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
-                              lr=learning_rate, betas=(beta1, beta2), fused=fused, foreach=not fused)
+# fusion_lr: the fusion's parameters in groups of their own, at fusion_lr / learning_rate times the schedule's lr
+own_lr = {n: fusion_lr > 0 and n.startswith('fusion.') for n, _ in named}
+groups = [{'params': [p for n, p in named if decays[n] == d and own_lr[n] == o], 'weight_decay': weight_decay if d else 0.0,
+           'lr_scale': fusion_lr / learning_rate if o else 1.0} for d in (True, False) for o in (False, True)]
+optimizer = torch.optim.AdamW([g for g in groups if g['params']], lr=learning_rate, betas=(beta1, beta2), fused=fused,
+                              foreach=not fused)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 
 
@@ -484,6 +510,7 @@ def get_lr(step):
 
 
 step, bad_steps, bad_image_steps, best_val = 0, 0, 0, float('inf')
+last_acc = None  # the latest val_answers accuracies, shown in the bar
 resumed_from = None
 if ckpt is not None and ckpt.get('sharded'):  # every rank reads its shards (any world size: DCP reshards)
     msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
@@ -503,6 +530,24 @@ if ckpt is not None:
         torch.cuda.set_rng_state(ckpt['rng']['cuda'])
     print0(f"resumed from {ckpt_path} at step {step}")
     ckpt = None  # free memory
+
+# llava_standardize on a new projector: the frozen tower runs once over every training image, up front (into the
+# feature cache when it is on), and each channel's mean and std there set the projector's input shift and scale
+if llava_standardize and resumed_from is None and init_from == 'scratch':
+    train_images = list(dict.fromkeys(x for j in train_ds.keep for x in data.image_list(train_samples[j])))
+    total, total_sq, n = 0.0, 0.0, 0
+    for k in tqdm(range(0, len(train_images), 256), desc='tower features', disable=not (tty and master)):
+        x = image_inputs(train_images[k:k + 256])
+        with torch.no_grad():  # no feature cache (e.g. FSDP): the tower runs here on pixels
+            f = x['feats'] if x['feats'] is not None else raw_model.image_features(x['pixels'])
+        f = raw_model.fusion.selected(f.float()).flatten(0, -2)  # (B, n, Dv) -> (B*n, Dv)
+        total, total_sq, n = total + f.sum(0), total_sq + f.square().sum(0), n + len(f)
+    mean = total / n
+    std = (total_sq / n - mean.square()).clamp_min(1e-12).sqrt()
+    with torch.no_grad():
+        raw_model.fusion.in_shift.copy_(-mean)
+        raw_model.fusion.in_scale.copy_(1 / (std + 1e-6))
+    print0(f"llava_standardize: {len(train_images)} training images; channel std {std.min():.3g} to {std.max():.3g}")
 
 # -----------------------------------------------------------------------------
 # helpers: validation loss, checkpoint
@@ -591,14 +636,25 @@ if master:  # a header record per run: a reader can tell runs apart and where a 
                                          resumed_from=resumed_from, max_steps=max_steps, world=world, config=config))) + '\n')
 
 
+def val_accuracy():
+    """Accuracy % of greedy answers to the first val_answers held-out questions, overall and per question_type."""
+    if not val_answers:
+        return None
+    r = evaluate.run(raw_model, val_samples[:val_answers], io, task=dataset, features=image_inputs,
+                     batch_size=batch_size * 4, max_new_tokens=max_new_tokens, autocast=autocast, rank=rank,
+                     world=world, device=device, dtype=ptdtype, progress=False)
+    return None if r is None else {('all' if k == 'accuracy' else k): v for k, v in r['metrics'].items()}
+
+
 def validate_and_save():
-    global best_val
+    global best_val, last_acc
     if step % eval_interval == 0 or step == max_steps:
         v = val_loss()
-        print0(f"step {step}: val loss {v:.4f}")
+        last_acc = val_accuracy() or last_acc
+        print0(f"step {step}: val loss {v:.4f}" + (''.join(f", {k} {a:.1f}%" for k, a in last_acc.items()) if last_acc else ''))
         if master:
             with open(log_path, 'a') as f:
-                f.write(json.dumps(dict(step=step, val_loss=v)) + '\n')
+                f.write(json.dumps(dict(step=step, val_loss=v, **({'val_acc': last_acc} if last_acc else {}))) + '\n')
         best_val = min(best_val, v)
         if always_save_checkpoint or v <= best_val:
             save_checkpoint()
@@ -656,7 +712,7 @@ t0, tokens_seen, flops_done = time.time(), 0, 0.0
 while step < max_steps:
     lr = get_lr(step)
     for group in optimizer.param_groups:
-        group['lr'] = lr
+        group['lr'] = lr * group.get('lr_scale', 1.0)
     t_data = time.time()
     batches = images_ok(lambda: step_batches(step))
     data_s = time.time() - t_data  # the prefetch thread's work this step waited for, plus the copy to the device
@@ -710,18 +766,21 @@ while step < max_steps:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     if master:
         dt = time.time() - t0
-        rec = dict(step=step, loss=round(total.item(), 6), lr=lr, tok_s=round(tokens_seen / dt, 1), time=round(dt, 2),
+        rec = dict(step=step, loss=round(total.item(), 6), lr=lr, tok_s=round(tokens_seen / dt, 1),
+                   samples_s=round((step - (resumed_from or 0)) * per_step / dt, 2), time=round(dt, 2),
                    grad_norm=round(grad_norm.item(), 4) if finite.item() else None, data_s=round(data_s, 3),
                    mem_gb=round(peak_memory_gb(), 3))
         if peak_flops:  # over the whole run so far, the first steps' compilation included
             rec['mfu'] = round(flops_done / dt / (peak_flops * world), 4)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_s']:.0f}",
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rec['samples_s']:.1f}",
+                            **{k: f"{a:.0f}%" for k, a in (last_acc or {}).items()},  # val_answers, per type
                             gnorm=f"{rec['grad_norm'] or float('nan'):.3f}", data=f"{data_s:.2f}s",
                             mem=f"{rec['mem_gb']:.1f}G", **({'mfu': f"{rec['mfu']:.1%}"} if 'mfu' in rec else {}))
         elif step % log_interval == 0 or step == max_steps:
-            print0(f"step {step}/{max_steps}: loss {rec['loss']:.4f}, lr {lr:.2e}, {rec['tok_s']:.0f} tok/s, "
+            print0(f"step {step}/{max_steps}: loss {rec['loss']:.4f}, lr {lr:.2e}, {rec['samples_s']:.1f} samples/s, "
+                   f"{rec['tok_s']:.0f} tok/s, "
                    f"grad norm {rec['grad_norm'] or float('nan'):.3f}, data wait {data_s:.2f} s, peak memory "
                    f"{rec['mem_gb']:.2f} GiB" + (f", MFU {rec['mfu']:.1%}" if 'mfu' in rec else '') + f", {dt:.1f} s")
         if finite.item() and (step % log_interval == 0 or step == max_steps):
@@ -747,4 +806,5 @@ if final_eval:
         with open(os.path.join(out_dir, f'eval_{eval_split}.json'), 'w') as f:
             json.dump(result, f, indent=1)
 if ddp:
+    dist.barrier()  # every rank's last collective done before teardown: a gloo thread alive at exit aborts the process
     dist.destroy_process_group()

@@ -34,12 +34,19 @@ max_len = 64
 max_new_tokens = 4
 image_slot = 'Image: <image>\n'  # not first: SmolLM2 (no BOS) turns position 0 into an attention sink
 
+llava_standardize = True      # each tower channel to mean 0 / std 1 over the training images (issue 12: colour 9.5%
+                              # -> 91.7%, shape 33% -> 97% on held-out images after 300 steps, with the two below)
+balance = True                # every question type equally often: yes/no is 74% of easy-VQA's questions
+fusion_lr = 3e-3              # the projector learns faster than LoRA (LLaVA's mm_projector_lr)
+val_images = 200              # held out of training: per-type accuracy on their questions at each evaluation
+val_answers = 300
+
 batch_size = 8
 global_batch = 8
-max_iters = 300               # 2,400 questions, 6% of an epoch
+max_iters = 800               # 6,400 questions, 17% of an epoch
 learning_rate = 1e-3
 warmup_ratio = 0.03
 weight_decay = 0.0
-eval_interval = 100
-eval_iters = 20
+eval_interval = 200
+eval_iters = 5
 dtype = 'float32'

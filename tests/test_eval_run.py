@@ -75,6 +75,10 @@ def test_task_parsers_and_scorers():
     vqa['answers'] = ['3'] * 4 + ['4'] * 6  # as in the VQA annotations, whose human answers are already digits
     assert evaluate.score('vqav2', [vqa], ['three'])['overall'] == pytest.approx(100.0)
     assert evaluate.score('easyvqa', [{'id': 'e', 'answers': ['circle']}], [' Circle.'])['accuracy'] == 100
+    evqa = [{'id': str(i), 'answers': [a], 'question_type': data.easy_vqa_type(a)}
+            for i, a in enumerate(['yes', 'no', 'no', 'circle', 'red', 'teal'])]
+    assert evaluate.score('easyvqa', evqa, ['yes', 'yes', 'no', 'circle', 'red', 'gray']) == \
+        pytest.approx({'accuracy': 100 * 4 / 6, 'yes/no': 100 * 2 / 3, 'shape': 100.0, 'colour': 50.0})
 
 
 def test_eval_cli_on_a_checkpoint(tiny, shapes_json, tmp_path):

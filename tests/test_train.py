@@ -389,3 +389,61 @@ def test_llava_gemma_stages_build_and_step(tiny, shapes_json, tmp_path, monkeypa
     assert g['model'].lm.cfg.norm_plus_one and g['model'].lm.cfg.embed_scale and g['step'] == 2
     assert len(losses(tmp_path / 's1')) == len(losses(tmp_path / 's2')) == 2
     assert all(l == l for l in losses(tmp_path / 's2'))
+
+
+def easy_vqa_folder(root, n_images=12):
+    """easy-VQA's layout ({split}/questions.json of [question, answer, image_id], {split}/images/{id}.png) with its
+    skew: per image 3 yes/no questions, 1 shape and 1 colour question."""
+    from conftest import shape_image
+    shapes = {'circle': 'circle', 'square': 'rectangle'}
+    for split in ('train', 'test'):
+        (root / split / 'images').mkdir(parents=True)
+        entries = []
+        for i in range(n_images):
+            color, shape = list(COLORS_)[i % 3], list(shapes)[i // 3 % 2]
+            shape_image(root / split / 'images' / f'{i}.png', color, shape)
+            entries += [[f'is there a {color} shape?', 'yes', i], ['is there a teal shape?', 'no', i],
+                        [f'is this a {shapes[shape]}?', 'yes', i], ['what shape is this?', shapes[shape], i],
+                        ['what color is the shape?', color, i]]
+        (root / split / 'questions.json').write_text(json.dumps(entries))
+    return str(root)
+
+
+COLORS_ = ('red', 'green', 'blue')
+
+
+def test_balance_holdout_fusion_lr_and_standardize(tiny, tmp_path, monkeypatch):
+    """The issue-12 levers on an easy-VQA-layout folder: balance=True draws the three question types equally often
+    (yes/no is 60% of these questions); val_images holds whole images out of training and val_answers scores them
+    per type into the log; fusion_lr gives the projector its own learning rate; llava_standardize sets the
+    projector's input shift / scale to the training images' channel mean / std, computed here independently."""
+    import data
+    root = easy_vqa_folder(tmp_path / 'evqa')
+    g = train(monkeypatch, *base_args(tiny, root, tmp_path / 'out', dataset='easyvqa', template='plain',
+                                      max_iters=4, eval_interval=2, balance=True, val_images=3, val_answers=10,
+                                      fusion_lr=1e-2, learning_rate=1e-3, llava_standardize=True, max_new_tokens=2))
+    held = {s['image'] for s in g['val_samples']}
+    assert len(held) == 3 and not held & {s['image'] for s in g['train_samples']}
+    assert len(g['train_samples']) == 9 * 5 and len(g['val_samples']) == 3 * 5
+    types = [g['train_samples'][g['train_ds'].keep[g['sample_index'](i)]]['question_type'] for i in range(6000)]
+    for t in ('yes/no', 'shape', 'colour'):
+        assert abs(types.count(t) / 6000 - 1 / 3) < 0.03, (t, types.count(t))
+    lrs = {any(p is q for q in g['raw_model'].fusion.parameters()): grp['lr'] for grp in g['optimizer'].param_groups
+           for p in grp['params'][:1]}
+    assert lrs[True] == pytest.approx(10 * lrs[False])
+    log = [json.loads(line) for line in open(tmp_path / 'out' / 'log.jsonl')]
+    acc = [r['val_acc'] for r in log if 'val_acc' in r]
+    assert len(acc) == 2 and set(acc[0]) == {'all', 'yes/no', 'shape', 'colour'}
+    # the reference: the tower's CLS features of the 9 training images, mean and std per channel
+    vlm, io = g['raw_model'], g['io']
+    feats = data.image_inputs(vlm, sorted({s['image'] for s in g['train_samples']}), io['image_cfg'])['pixels']
+    with torch.no_grad():
+        f = vlm.fusion.selected(vlm.image_features(feats)).flatten(0, -2)
+    ckpt = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=False)  # step 2: already trained, so from step 0:
+    fresh = train(monkeypatch, *base_args(tiny, root, tmp_path / 'zero', dataset='easyvqa', template='plain',
+                                          max_iters=1, eval_interval=100, val_images=3, llava_standardize=True,
+                                          learning_rate=1e-12, warmup_ratio=0.0))
+    fu = fresh['raw_model'].fusion
+    assert torch.allclose(-fu.in_shift, f.mean(0), atol=1e-4)
+    assert torch.allclose(1 / fu.in_scale, f.std(0, unbiased=False) + 1e-6, rtol=1e-3)
+    assert 'fusion.in_shift' in ckpt['model']
