@@ -79,7 +79,7 @@ class LLaVAProjector(SelectedTokens):
 
     def forward(self, feats, *, has_image=None, ids=None):
         x = self.selected(feats)  # (B, n, Dv)
-        if hasattr(self, 'in_shift'):  # easy-VQA, 300 steps: colour 54% -> 92% held out (README, issue 12)
+        if hasattr(self, 'in_shift'):  # centred, unit-scale channels for fc1 (issue 12's easy-VQA recipe)
             x = (x + self.in_shift) * self.in_scale
         return self.fc2(F.gelu(self.fc1(x))), {}
 

@@ -99,8 +99,8 @@ while True:
     except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt ends the session
         print()
         break
-    if not messages and image:
-        text = image_slot + text
+    if not messages and image:  # the question as the checkpoint was trained on it: its question_prompt, image_slot
+        text = image_slot + cfg.get('question_prompt', '{q}').format(q=text)
     messages.append(('user', text))
     ids = data.encode_prompt(tok, chat_template, messages, n_image_tokens=n_image_tokens, max_len=lm.cfg.max_seq_len,
                              system=system_used)

@@ -792,6 +792,13 @@ while step < max_steps:
 _prefetch.shutdown()
 if bar is not None:
     bar.close()
+if master and val_answers:  # the picture of the run: loss and per-type accuracy (plot.py; needs matplotlib)
+    try:
+        import plot
+        plot.curves(log_path, os.path.join(out_dir, 'curves.png'))
+        print0(f"wrote {os.path.join(out_dir, 'curves.png')}")
+    except ImportError as e:
+        print0(f"no curves.png: {e}")
 
 # -----------------------------------------------------------------------------
 # final evaluation: generate for the eval split and score it

@@ -434,6 +434,7 @@ def test_balance_holdout_fusion_lr_and_standardize(tiny, tmp_path, monkeypatch):
     log = [json.loads(line) for line in open(tmp_path / 'out' / 'log.jsonl')]
     acc = [r['val_acc'] for r in log if 'val_acc' in r]
     assert len(acc) == 2 and set(acc[0]) == {'all', 'yes/no', 'shape', 'colour'}
+    assert (tmp_path / 'out' / 'curves.png').stat().st_size > 0  # plot.py's picture of the run
     # the reference: the tower's CLS features of the 9 training images, mean and std per channel
     vlm, io = g['raw_model'], g['io']
     feats = data.image_inputs(vlm, sorted({s['image'] for s in g['train_samples']}), io['image_cfg'])['pixels']
