@@ -206,10 +206,11 @@ def main(argv):
     samples = data.read_split(cfg, split, evaluation=True)
     samples = samples[:c['limit']] if c['limit'] else samples
     autocast = nullcontext() if c['dtype'] == 'float32' else torch.autocast(c['device'].split(':')[0], dtype=ptdtype)
+    feats_cache = {}  # one cache for the whole run: each test image (~2.4 questions) meets the tower once
     result = run(model, samples, io, task=cfg['dataset'], batch_size=c['batch_size'], autocast=autocast,
                  device=c['device'], dtype=ptdtype, max_new_tokens=c['max_new_tokens'] or cfg['max_new_tokens'],
                  temperature=cfg.get('temperature', 0.0), top_p=cfg.get('top_p', 1.0), num_beams=cfg.get('num_beams', 1),
-                 features=lambda images: data.image_inputs(model, images, io['image_cfg'], cache={}, device=c['device'],
+                 features=lambda images: data.image_inputs(model, images, io['image_cfg'], cache=feats_cache, device=c['device'],
                                                            dtype=ptdtype, autocast=autocast))
     print_table(result)
     path = c['out'] or os.path.join(os.path.dirname(c['ckpt']), f"eval_{split}.json")

@@ -101,3 +101,38 @@ def test_sample_cli_ends_cleanly_on_ctrl_d(tiny):
                        input='what color is the shape?\n', cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and 'Traceback' not in p.stderr, p.stderr[-2000:]
     assert p.stdout.count('>>> ') == 2  # the question, then the prompt that got the end of input
+
+
+def test_generate_equals_full_forward_greedy(tmp_path):
+    """generate (KV cache, LM head at the last position only, left-padded batch) gives exactly the tokens of a
+    naive loop that reruns the whole unpadded prompt and takes the argmax of the full logits' last row."""
+    import transformers as T
+    from conftest import randomize
+    from fusion import LLaVAProjector
+    from model import IMAGE_TOKEN, VLM, Decoder, ViT
+    torch.manual_seed(0)
+    vcfg = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    tcfg = T.LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    randomize(T.CLIPVisionModel(vcfg).eval()).save_pretrained(tmp_path / 'clip')
+    randomize(T.LlamaForCausalLM(tcfg).eval(), std=0.3).save_pretrained(tmp_path / 'lm')
+    proj = randomize(LLaVAProjector(32, 64, select='patch'), std=0.3, seed=1)
+    model = VLM(ViT.from_pretrained(tmp_path / 'clip'), Decoder.from_pretrained(tmp_path / 'lm'), proj,
+                vision_layer=-2, vision_norm=False).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 100, (n,), generator=g) for n in (3, 8)]  # ragged: row 0 is left-padded
+    prompts = [torch.cat([p[:2], torch.full((16,), IMAGE_TOKEN), p[2:]]) for p in prompts]
+    ids, mask = data.left_pad([p.tolist() for p in prompts], 0)
+    stop = 7
+    with torch.no_grad():
+        fast = model.generate(ids, pad_mask=mask, pixels=pixels, max_new_tokens=6, stop_ids=[stop])
+        for b, p in enumerate(prompts):
+            seq, want = p[None], []
+            for _ in range(fast.shape[1]):
+                tok = int(model(seq, pixels=pixels[b:b + 1])[0, -1].argmax()) if not want or want[-1] != stop else stop
+                want.append(tok)
+                seq = torch.cat([seq, torch.tensor([[tok]])], 1)
+            assert fast[b].tolist() == want
+    assert fast[0].tolist() != fast[1].tolist()  # the rows differ, so the padded row was not a copy
