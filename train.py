@@ -492,10 +492,13 @@ decays = {n: any(s in n for s in patterns) if patterns is not None else p.dim() 
 # one fused kernel over all parameters on CUDA; on a CPU (or offloaded) the foreach kernels, one call per op over
 # the hundreds of small LoRA tensors instead of a Python loop over them (PyTorch picks foreach by itself on CUDA only)
 fused = device_type == 'cuda' and not offload
+if fusion_lr > 0 and learning_rate <= 0:
+    raise SystemExit(f"fusion_lr={fusion_lr} is a multiple of the schedule's learning_rate, which is {learning_rate}")
 # fusion_lr: the fusion's parameters in groups of their own, at fusion_lr / learning_rate times the schedule's lr
 own_lr = {n: fusion_lr > 0 and n.startswith('fusion.') for n, _ in named}
 groups = [{'params': [p for n, p in named if decays[n] == d and own_lr[n] == o], 'weight_decay': weight_decay if d else 0.0,
-           'lr_scale': fusion_lr / learning_rate if o else 1.0} for d in (True, False) for o in (False, True)]
+           'lr_scale': fusion_lr / learning_rate if o else 1.0} for d in (True, False)
+          for o in ((False, True) if fusion_lr > 0 else (False,))]
 optimizer = torch.optim.AdamW([g for g in groups if g['params']], lr=learning_rate, betas=(beta1, beta2), fused=fused,
                               foreach=not fused)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
