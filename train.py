@@ -348,8 +348,9 @@ eval_samples = data.read_split(config, eval_split, evaluation=True)
 val_samples = eval_samples  # what val_answers scores: held-out training images when val_images > 0
 if val_images:  # the last val_images distinct images and every question on them leave the training set
     held = set(list(dict.fromkeys(x for s in train_samples for x in data.image_list(s)))[-val_images:])
-    val_samples = [s for s in train_samples if set(data.image_list(s)) & held]
-    train_samples = [s for s in train_samples if not set(data.image_list(s)) & held]
+    is_held = [bool(set(data.image_list(s)) & held) for s in train_samples]
+    val_samples = [s for s, h in zip(train_samples, is_held) if h]
+    train_samples = [s for s, h in zip(train_samples, is_held) if not h]
     val_samples = [val_samples[i] for i in torch.randperm(len(val_samples), generator=torch.Generator().manual_seed(seed))]
 # every distinct image, checked up front from its header (no decoding): all bad files at once, before any step
 sources = list(dict.fromkeys(x for s in train_samples + eval_samples for x in data.image_list(s)))  # first-seen order
@@ -493,7 +494,8 @@ decays = {n: any(s in n for s in patterns) if patterns is not None else p.dim() 
 # the hundreds of small LoRA tensors instead of a Python loop over them (PyTorch picks foreach by itself on CUDA only)
 fused = device_type == 'cuda' and not offload
 if fusion_lr > 0 and learning_rate <= 0:
-    raise SystemExit(f"fusion_lr={fusion_lr} is a multiple of the schedule's learning_rate, which is {learning_rate}")
+    raise SystemExit(f"fusion_lr={fusion_lr} follows the schedule as fusion_lr / learning_rate: learning_rate must be "
+                     f"> 0, not {learning_rate}")
 # fusion_lr: the fusion's parameters in groups of their own, at fusion_lr / learning_rate times the schedule's lr
 own_lr = {n: fusion_lr > 0 and n.startswith('fusion.') for n, _ in named}
 groups = [{'params': [p for n, p in named if decays[n] == d and own_lr[n] == o], 'weight_decay': weight_decay if d else 0.0,

@@ -12,7 +12,7 @@ import torch
 
 import eval as evaluate
 import model as model_py
-from conftest import ROOT
+from conftest import COLORS, ROOT
 
 pytest.importorskip('transformers')  # the tiny checkpoints are written with save_pretrained
 
@@ -400,7 +400,7 @@ def easy_vqa_folder(root, n_images=12):
         (root / split / 'images').mkdir(parents=True)
         entries = []
         for i in range(n_images):
-            color, shape = list(COLORS_)[i % 3], list(shapes)[i // 3 % 2]
+            color, shape = list(COLORS)[i % 3], list(shapes)[i // 3 % 2]
             shape_image(root / split / 'images' / f'{i}.png', color, shape)
             entries += [[f'is there a {color} shape?', 'yes', i], ['is there a teal shape?', 'no', i],
                         [f'is this a {shapes[shape]}?', 'yes', i], ['what shape is this?', shapes[shape], i],
@@ -408,8 +408,6 @@ def easy_vqa_folder(root, n_images=12):
         (root / split / 'questions.json').write_text(json.dumps(entries))
     return str(root)
 
-
-COLORS_ = ('red', 'green', 'blue')
 
 
 def test_balance_holdout_fusion_lr_and_standardize(tiny, tmp_path, monkeypatch):
