@@ -818,5 +818,11 @@ if final_eval:
         with open(os.path.join(out_dir, f'eval_{eval_split}.json'), 'w') as f:
             json.dump(result, f, indent=1)
 if ddp:
-    dist.barrier()  # every rank's last collective done before teardown: a gloo thread alive at exit aborts the process
-    dist.destroy_process_group()
+    dist.barrier()  # every rank's work is done and written
+    if wandb_log and master:
+        wandb.finish()
+    sys.stdout.flush(), sys.stderr.flush()
+    # End without the interpreter's teardown: there gloo's threads, still owned by the FSDP / DDP modules' process
+    # group, were destroyed joinable now and then ("terminate called without an active exception", SIGABRT) after
+    # a run had finished; destroy_process_group + a barrier before it did not prevent it.
+    os._exit(0)
