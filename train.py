@@ -821,8 +821,8 @@ if ddp:
     dist.barrier()  # every rank's work is done and written
     if wandb_log and master:
         wandb.finish()
-    sys.stdout.flush(), sys.stderr.flush()
-    # End without the interpreter's teardown: there gloo's threads, still owned by the FSDP / DDP modules' process
-    # group, were destroyed joinable now and then ("terminate called without an active exception", SIGABRT) after
-    # a run had finished; destroy_process_group + a barrier before it did not prevent it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # End without the interpreter's teardown: a finished FSDP run aborted there now and then ("terminate called
+    # without an active exception", SIGABRT; likely the process group's gloo threads), destroy_process_group or not.
     os._exit(0)
